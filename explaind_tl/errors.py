@@ -1,0 +1,31 @@
+"""Exceptions raised by explaind_tl. Every bad input gets one of these with a clear message."""
+
+from __future__ import annotations
+
+
+class ExplaindError(Exception):
+    """Base class for all explaind_tl errors."""
+
+
+class UnsupportedOptimizerError(ExplaindError, ValueError):
+    """The optimizer (or one of its settings) cannot be decomposed exactly."""
+
+
+class NondeterministicTrainingError(ExplaindError, RuntimeError):
+    """Training is random (dropout, stochastic layers) so it cannot be replayed exactly."""
+
+
+class TrajectoryError(ExplaindError, RuntimeError):
+    """A run directory is missing, truncated, corrupted or does not match the model."""
+
+
+class ChecksumError(TrajectoryError):
+    """A file in a run directory does not match the checksum in its manifest."""
+
+
+class ModelMismatchError(TrajectoryError, ValueError):
+    """A model does not match the configuration stored in a run directory."""
+
+
+class QueryError(ExplaindError, ValueError):
+    """Queries are empty, malformed or out of vocabulary."""
