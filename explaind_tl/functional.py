@@ -1,0 +1,299 @@
+"""Model plumbing for ``torch.func``: flat parameter vectors, query values, gradients, kinks.
+
+Everything the engine needs from a model goes through :class:`QueryFunction`: the metric's
+values (for the certificate), gradients of aggregated or per-query metrics at a point
+``w_s + t Δ_s`` of a segment (``t`` shared or one per query), and the pre-activations of the
+model's ReLUs (for kink-aware quadrature). Parameters are ``dict[str, Tensor]`` keyed by the
+trainable parameter names; flat vectors concatenate them in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names, shapes and offsets of the trainable parameters in a flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(torch.Size(s).numel()) for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, d: Params, lead: int = 0, dtype: torch.dtype | None = None) -> Tensor:
+        """Concatenate ``d`` into ``[*lead_dims, P]`` (``lead`` leading batch dims)."""
+        parts = []
+        for name in self.names:
+            x = d[name]
+            x = x.reshape(*x.shape[:lead], -1)
+            parts.append(x if dtype is None else x.to(dtype))
+        return torch.cat(parts, dim=-1)
+
+    def unflatten(self, v: Tensor) -> Params:
+        """Split ``[..., P]`` back into a dict of ``[..., *shape]`` views."""
+        out, start = {}, 0
+        lead = v.shape[:-1]
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            out[name] = v[..., start : start + size].reshape(*lead, *shape)
+            start += size
+        return out
+
+
+def _is_hooked_transformer(model: nn.Module) -> bool:
+    return type(model).__name__ == "HookedTransformer" and hasattr(model, "cfg")
+
+
+def model_input(batch: dict[str, Tensor]) -> Tensor:
+    """The tensor a model is called on: ``batch["tokens"]`` (or ``batch["input"]``)."""
+    if "tokens" in batch:
+        return batch["tokens"]
+    if "input" in batch:
+        return batch["input"]
+    raise KeyError("queries need a 'tokens' (or 'input') column")
+
+
+def _unsqueeze(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.unsqueeze(0) for k, v in batch.items()}
+
+
+class QueryFunction:
+    """A metric of a model as a pure function of the trainable parameters.
+
+    Args:
+        model: the model (its non-trainable parameters and buffers are used as they are).
+        names: trainable parameter names.
+        metric: ``fn(logits, batch) -> [Q] or [Q, O]``.
+        dtype: working dtype of the gradients.
+        cert_dtype: dtype of the certificate forwards (float64 by default).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        metric: Callable[[Tensor, dict], Tensor],
+        dtype: torch.dtype = torch.float32,
+        cert_dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.names = list(names)
+        self.metric = metric
+        self.dtype = dtype
+        self.cert_dtype = cert_dtype
+        self.device = torch.device(device)
+        self.model = self._copy(model, dtype)
+        self.cert_model = self.model if cert_dtype == dtype else self._copy(model, cert_dtype)
+        self.hook_names = self._relu_hook_names(self.model)
+
+    def _copy(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
+        return frozen_copy(model, dtype, self.device)
+
+    # ----------------------------------------------------------------- forward
+    def _values(self, model: nn.Module, params: Params, batch: dict[str, Tensor]) -> Tensor:
+        batch = dict(batch)
+        kmask, kval = batch.pop(KINK_MASK, None), batch.pop(KINK_ON, None)
+        ctx = self._forced_relus(model, kmask, kval) if kmask is not None else contextlib.nullcontext()
+        x = model_input(batch)
+        if x.is_floating_point():
+            x = x.to(next(iter(params.values())).dtype)
+        with ctx:
+            logits = functional_call(model, params, (x,))
+        v = self.metric(logits, batch)
+        return v if v.ndim == 2 else v.unsqueeze(-1)
+
+    def values(self, params: Params, batch: dict[str, Tensor], cert: bool = True) -> Float[Tensor, "query output"]:
+        """Metric values ``[Q, O]`` (``O = 1`` for a scalar metric), no gradient."""
+        model = self.cert_model if cert else self.model
+        with torch.no_grad():
+            return self._values(model, params, batch)
+
+    # ------------------------------------------------------------------ kinks
+    @staticmethod
+    def _relu_hook_names(model: nn.Module) -> list[str]:
+        if _is_hooked_transformer(model):
+            if str(model.cfg.act_fn).lower() != "relu" or model.cfg.attn_only:
+                return []
+            return [f"blocks.{layer}.mlp.hook_pre" for layer in range(model.cfg.n_layers)]
+        return [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+
+    @property
+    def has_kinks(self) -> bool:
+        """Whether the model has ReLU units whose pre-activations can be observed."""
+        return bool(self.hook_names)
+
+    @contextlib.contextmanager
+    def _capture(self, model: nn.Module, store: list[Tensor]) -> Iterator[None]:
+        """Record every ReLU pre-activation (flattened per example) during a forward."""
+        if _is_hooked_transformer(model):
+
+            def hook(act: Tensor, hook) -> Tensor:  # noqa: ARG001
+                store.append(act.detach().reshape(act.shape[0], -1))
+                return act
+
+            with model.hooks(fwd_hooks=[(n, hook) for n in self.hook_names]):
+                yield
+            return
+        modules = dict(model.named_modules())
+
+        def fwd_hook(mod, inputs, out):  # noqa: ARG001
+            store.append(inputs[0].detach().reshape(inputs[0].shape[0], -1))
+
+        handles = [modules[n].register_forward_hook(fwd_hook) for n in self.hook_names]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def _forced_relus(self, model: nn.Module, kmask: Tensor, kval: Tensor) -> Iterator[None]:
+        """Force the state of selected ReLU units (per example): ``post = z`` (on) or ``0`` (off).
+
+        ``kmask``/``kval`` are ``[B, U]`` over the flattened pre-activations of all hooked ReLUs
+        in forward order; unforced units keep their natural state.
+        """
+        offset = [0]
+
+        def adjust(z: Tensor, post: Tensor) -> Tensor:
+            n = z[0].numel() if z.ndim > 1 else 1
+            sl = slice(offset[0], offset[0] + n)
+            offset[0] += n
+            m = kmask[:, sl].reshape(z.shape)
+            on = kval[:, sl].reshape(z.shape).to(z.dtype)
+            return torch.where(m, z * on, post)
+
+        if _is_hooked_transformer(model):
+            pre: dict[str, Tensor] = {}
+
+            def pre_hook(act: Tensor, hook) -> Tensor:
+                pre[hook.name] = act
+                return act
+
+            def post_hook(act: Tensor, hook) -> Tensor:
+                return adjust(pre.pop(hook.name.replace("hook_post", "hook_pre")), act)
+
+            hooks = []
+            for n in self.hook_names:
+                hooks += [(n, pre_hook), (n.replace("hook_pre", "hook_post"), post_hook)]
+            with model.hooks(fwd_hooks=hooks):
+                yield
+            return
+        modules = dict(model.named_modules())
+        handles = [
+            modules[n].register_forward_hook(lambda mod, inputs, out: adjust(inputs[0], out)) for n in self.hook_names
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def values_and_preacts(
+        self, params: Params, batch: dict[str, Tensor], cert: bool = True
+    ) -> tuple[Float[Tensor, "query output"], Float[Tensor, "query unit"] | None]:
+        """Metric values and the ReLU pre-activations (flattened per query)."""
+        if not self.has_kinks:
+            return self.values(params, batch, cert), None
+        model = self.cert_model if cert else self.model
+        store: list[Tensor] = []
+        with torch.no_grad(), self._capture(model, store):
+            v = self._values(model, params, batch)
+        return v, torch.cat(store, dim=1)
+
+    # --------------------------------------------------------------- gradients
+    def aggregate_grad(
+        self,
+        params: Params,
+        batch: dict[str, Tensor],
+        weights: Float[Tensor, "query"],
+        resolve_outputs: bool,
+    ) -> dict[str, Tensor]:
+        """Gradient of ``Σ_i weights_i · metric_i`` (one batched backward per output row).
+
+        Returns:
+            dict of ``[R, *shape]`` with ``R = O`` when ``resolve_outputs`` else ``R = 1``.
+        """
+        w = weights.to(self.dtype)
+
+        def f(p: Params) -> Tensor:
+            v = self._values(self.model, p, batch)  # [Q, O]
+            out = (v * w[:, None]).sum(0)
+            return out if resolve_outputs else out.sum().reshape(1)
+
+        return jacrev(f)(params)
+
+    def per_query_grad(self, params: Params, batch: dict[str, Tensor], resolve_outputs: bool) -> dict[str, Tensor]:
+        """Per-query gradients ``[Q, R, *shape]`` (``vmap`` over queries)."""
+
+        def f(p: Params, example: dict[str, Tensor]) -> Tensor:
+            v = self._values(self.model, p, _unsqueeze(example))[0]
+            return v if resolve_outputs else v.sum().reshape(1)
+
+        return vmap(jacrev(f), in_dims=(None, 0))(params, batch)
+
+
+KINK_MASK = "__kink_mask__"  # batch key: [B, U] bool, which ReLU units are forced
+KINK_ON = "__kink_on__"  # batch key: [B, U] bool, their forced state
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """A deep copy in ``dtype`` on ``device``, in eval mode, with gradients switched off."""
+    m = copy.deepcopy(model)
+    if _is_hooked_transformer(m):
+        m = m.to(device, print_details=False).to(dtype, print_details=False)
+        m.cfg.dtype = dtype
+    else:
+        m = m.to(device=device, dtype=dtype)
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+class LossFunction:
+    """Per-example training-loss gradients for the data axis (``loss_fn(model, batch) -> [B]``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, dtype: torch.dtype, device) -> None:
+        self.model = frozen_copy(model, dtype, device)
+        self.loss_fn = loss_fn
+        self.dtype = dtype
+
+    def per_example_grad(self, params: Params, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``∇ℓ(x_i; w)`` for each row of ``batch``: dict of ``[B, *shape]``."""
+        wrapper = _LossModule(self.model, self.loss_fn)
+        prefixed = {"model." + k: v for k, v in params.items()}
+
+        batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
+        def f(p: Params, example: dict[str, Tensor]) -> Tensor:
+            return functional_call(wrapper, p, (_unsqueeze(example),))[0]
+
+        g = vmap(grad(f), in_dims=(None, 0))(prefixed, batch)
+        return {k[len("model.") :]: v for k, v in g.items()}
+
+
+class _LossModule(nn.Module):
+    def __init__(self, model: nn.Module, loss_fn: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.loss_fn(self.model, batch)

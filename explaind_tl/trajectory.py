@@ -1,0 +1,507 @@
+"""Loading recorded runs and replaying them exactly (DESIGN §5).
+
+A :class:`Trajectory` reads a run directory written by
+:class:`explaind_tl.recorder.TrajectoryRecorder`, validates it (manifest, sha256 of every
+listed file) and reproduces any step by replaying from the nearest checkpoint with the shared
+:func:`explaind_tl.recorder.train_step`: same model code, same batch tensors, same optimizer
+implementation (``foreach=False``), the recorded learning rate set before each step. On the
+machine and thread count used for recording (``torch.get_num_threads()``, stored in the
+manifest and re-applied during replay) replay is bitwise identical; :meth:`Trajectory.verify`
+checks this against every checkpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from explaind_tl import storage
+from explaind_tl.errors import TrajectoryError
+from explaind_tl.models import build_model, check_model_matches, resolve_import_path
+from explaind_tl.optim import (
+    OptimizerSpec,
+    build_optimizer,
+    load_optimizer_state,
+    state_dict_by_key,
+)
+from explaind_tl.recorder import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    check_batch_ids,
+    dataset_columns,
+    gather_batch,
+    load_train_data,
+    train_step,
+)
+
+Params = dict[str, Tensor]
+State = dict[str, dict[str, Tensor]]
+
+
+@dataclass
+class StepRecord:
+    """One replayed optimizer step ``w_s -> w_{s+1}``.
+
+    Attributes:
+        step: ``s``.
+        params: ``w_s`` (clones, dtype as trained, usually float32).
+        next_params: ``w_{s+1}``.
+        grad: ``g_s``: clipped mean-loss gradient the optimizer saw (before coupled L2).
+        state_before: Optimizer state before the step, ``{"exp_avg": {name: T}, ...}``;
+            ``{}`` before the first step (and always for plain SGD).
+        state_after: Optimizer state after the step.
+        step_count: torch's step counter after the step, ``t = s + 1``.
+        lr: Learning rate used.
+        clip_factor: ``κ_s`` (1.0 without clipping).
+        loss: Mean batch loss at ``w_s``.
+        batch_ids: ``[B]`` training-example ids.
+    """
+
+    step: int
+    params: Params
+    next_params: Params
+    grad: Params
+    state_before: State
+    state_after: State
+    step_count: int
+    lr: float
+    clip_factor: float
+    loss: float
+    batch_ids: Tensor
+
+    @property
+    def first_step(self) -> bool:
+        """Whether this is the optimizer's first step (no state before)."""
+        return self.step_count == 1
+
+
+@dataclass
+class VerifyReport:
+    """Result of :meth:`Trajectory.verify`.
+
+    Attributes:
+        per_checkpoint: ``{checkpoint step: max abs diff}`` of replayed vs stored params and
+            optimizer state (0.0 when bitwise equal).
+        max_abs_diff: Maximum over checkpoints.
+    """
+
+    per_checkpoint: dict[int, float] = field(default_factory=dict)
+    max_abs_diff: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when replay is bitwise identical at every checkpoint."""
+        return self.max_abs_diff == 0.0
+
+    def __str__(self) -> str:
+        return f"VerifyReport(ok={self.ok}, max_abs_diff={self.max_abs_diff:.3g}, checkpoints={len(self.per_checkpoint)})"
+
+
+def _clone(d: Params) -> Params:
+    return {k: v.detach().clone() for k, v in d.items()}
+
+
+@contextlib.contextmanager
+def _num_threads(n: int | None) -> Iterator[None]:
+    cur = torch.get_num_threads()
+    if n is None or n == cur:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(cur)
+
+
+class Trajectory:
+    """A recorded training run: checkpoints, step records, and exact replay.
+
+    Attributes:
+        run_dir: The run directory.
+        manifest: The parsed manifest.
+        num_steps: ``T`` (steps up to the last checkpoint).
+        checkpoint_steps: Steps with a stored checkpoint (0, K, 2K, ..., T).
+        checkpoint_every: ``K``.
+        param_names: Trainable parameter names.
+        optimizer_spec: The optimizer.
+        loss_fn: ``loss_fn(model, batch) -> [B]``.
+        train_data: The training set (``datasets.Dataset``, torch format, column ``"id"``).
+        num_train: ``N``.
+        clip_grad_norm: Clipping threshold or ``None``.
+    """
+
+    def __init__(self) -> None:  # use Trajectory.load
+        self.metrics: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        run_dir: str | os.PathLike,
+        *,
+        loss_fn: Callable[..., Tensor] | None = None,
+        model_factory: Callable[[], nn.Module] | None = None,
+        check: bool = True,
+    ) -> Trajectory:
+        """Load and validate a run directory.
+
+        Args:
+            run_dir: Directory written by the recorder.
+            loss_fn: Required when the recorded loss function is not importable.
+            model_factory: Required when the recorded model factory is not importable.
+            check: Verify sha256 of every listed file (missing files are always errors).
+
+        Raises:
+            TrajectoryError: missing/malformed manifest or files, unimportable loss_fn/factory.
+            ChecksumError: a file does not match its checksum (names the file).
+            ModelMismatchError: the rebuilt model does not match the recording.
+        """
+        self = cls()
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise TrajectoryError(f"run directory {self.run_dir} does not exist")
+        man = storage.read_json(self.run_dir / MANIFEST)
+        if man.get("format") != FORMAT:
+            raise TrajectoryError(f"{self.run_dir / MANIFEST} is not an explaind_tl trajectory manifest")
+        if man.get("format_version") != FORMAT_VERSION:
+            raise TrajectoryError(f"unsupported trajectory format version {man.get('format_version')} (this explaind_tl reads {FORMAT_VERSION})")
+        if not man.get("checkpoints"):
+            raise TrajectoryError(f"{self.run_dir} has no checkpoint")
+        self.manifest = man
+        for entry in man["checkpoints"] + man["segments"]:
+            storage.check_file(self.run_dir / entry["file"], entry["sha256"], check)
+        data_dir = self.run_dir / man["train_data"]["path"]
+        for rel, sha in man["train_data"]["files"].items():
+            storage.check_file(data_dir / rel, sha, check)
+
+        self.num_steps = int(man["num_steps"])
+        self.checkpoint_steps = [int(c["step"]) for c in man["checkpoints"]]
+        self.checkpoint_every = int(man["checkpoint_every"])
+        self.param_names = list(man["param_names"])
+        self.optimizer_spec = OptimizerSpec.from_dict(man["optimizer"])
+        self.clip_grad_norm = man.get("clip_grad_norm")
+        self.num_train = int(man["num_train"])
+        self.torch_num_threads = man.get("torch_num_threads")
+        self._model_factory = model_factory
+        if model_factory is None and man["model"]["kind"] == "factory" and not man["model"].get("factory"):
+            raise TrajectoryError(
+                f"the model of {self.run_dir} was built by a non-importable factory (lambda or local "
+                "function): pass model_factory=... to Trajectory.load"
+            )
+        if loss_fn is None:
+            if not man.get("loss_fn"):
+                raise TrajectoryError(
+                    f"the loss_fn of {self.run_dir} is not importable (lambda, local or __main__ "
+                    "function): pass loss_fn=... to Trajectory.load"
+                )
+            loss_fn = resolve_import_path(man["loss_fn"])
+        self.loss_fn = loss_fn
+        self._load_records()
+        self.train_data = load_train_data(data_dir)
+        self._columns = dataset_columns(self.train_data)
+        if len(self.train_data) != self.num_train:
+            raise TrajectoryError(f"training data has {len(self.train_data)} rows, manifest says {self.num_train}")
+        self._work: tuple[nn.Module, torch.optim.Optimizer, list[nn.Parameter]] | None = None
+        self._seg_cache: tuple[int, list[Params], list[State]] | None = None
+        self._ck_cache: dict[int, dict[str, Tensor]] = {}
+        self._check = check
+        # build once to validate the model against the manifest
+        self._work_model()
+        return self
+
+    def _load_records(self) -> None:
+        import pyarrow.parquet as pq
+
+        n = self.num_steps
+        self._lr = [float("nan")] * n
+        self._clip = [float("nan")] * n
+        self._loss = [float("nan")] * n
+        self._ids: list[list[int] | None] = [None] * n
+        seen = 0
+        for seg in self.manifest["segments"]:
+            path = self.run_dir / seg["file"]
+            try:
+                t = pq.read_table(path).to_pydict()
+            except Exception as exc:
+                raise TrajectoryError(f"cannot read step records {path} (truncated or corrupted?): {exc}") from exc
+            for i, s in enumerate(t["step"]):
+                if not 0 <= s < n:
+                    raise TrajectoryError(f"{path} has step {s} outside [0, {n})")
+                self._lr[s] = t["lr"][i]
+                self._clip[s] = t["clip_factor"][i]
+                self._loss[s] = t["loss"][i]
+                self._ids[s] = t["batch_ids"][i]
+                seen += 1
+        if seen != n:
+            raise TrajectoryError(f"{self.run_dir}: step records cover {seen} of {n} steps")
+
+    # ------------------------------------------------------------ model + checkpoints
+
+    def _build_model(self) -> nn.Module:
+        model = build_model(self.manifest["model"], self._model_factory)
+        trainable = set(self.param_names)
+        shapes = self.manifest.get("param_shapes", {})
+        for n, p in model.named_parameters():
+            if n in shapes:
+                p.requires_grad_(n in trainable)
+        check_model_matches(model, self.manifest)
+        init = self._load_checkpoint(0)
+        named = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for key, t in init.items():
+                kind, _, n = key.partition("/")
+                if kind == "frozen":
+                    named[n].copy_(t)
+                elif kind == "buffer" and n in buffers:
+                    buffers[n].copy_(t)
+        model.train(self.manifest.get("model_training", True))
+        return model
+
+    def _work_model(self) -> tuple[nn.Module, torch.optim.Optimizer, list[nn.Parameter]]:
+        if self._work is None:
+            model = self._build_model()
+            named = dict(model.named_parameters())
+            params = [named[n] for n in self.param_names]
+            opt = build_optimizer(self.optimizer_spec, params)
+            self._work = (model, opt, params)
+        return self._work
+
+    def _checkpoint_entry(self, step: int) -> dict[str, Any]:
+        for c in self.manifest["checkpoints"]:
+            if c["step"] == step:
+                return c
+        raise TrajectoryError(f"no checkpoint at step {step}")
+
+    def _load_checkpoint(self, step: int) -> dict[str, Tensor]:
+        if step in self._ck_cache:
+            return self._ck_cache[step]
+        entry = self._checkpoint_entry(step)
+        t = storage.load_tensors(self.run_dir / entry["file"], entry["sha256"], check=False)
+        if len(self._ck_cache) > 2:
+            self._ck_cache.pop(next(k for k in self._ck_cache if k != 0))
+        self._ck_cache[step] = t
+        return t
+
+    def _checkpoint_meta(self, step: int) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        entry = self._checkpoint_entry(step)
+        with safe_open(str(self.run_dir / entry["file"]), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        if "group" in meta:
+            meta["group"] = json.loads(meta["group"])
+        return meta
+
+    def _checkpoint_params(self, step: int) -> Params:
+        ck = self._load_checkpoint(step)
+        return {n: ck[f"param/{n}"].clone() for n in self.param_names}
+
+    def _checkpoint_state(self, step: int) -> State:
+        ck = self._load_checkpoint(step)
+        out: State = {}
+        for k, v in ck.items():
+            if k.startswith("optim/"):
+                key, _, name = k[len("optim/") :].partition("/")
+                out.setdefault(key, {})[name] = v.clone()
+        return out
+
+    def _check_step(self, s: int, upto: int | None = None) -> int:
+        upto = self.num_steps if upto is None else upto
+        if not isinstance(s, int) or isinstance(s, bool):
+            s = int(s)
+        if not 0 <= s <= upto:
+            raise TrajectoryError(f"step {s} out of range [0, {upto}]")
+        return s
+
+    def _segment_start(self, s: int) -> int:
+        """Largest checkpoint step <= s."""
+        return max(c for c in self.checkpoint_steps if c <= s)
+
+    # ------------------------------------------------------------ replay
+
+    def _replay(self, start_ck: int, stop: int, capture: bool, final_only: bool = False) -> Iterator[StepRecord | tuple[int, Params, State]]:
+        """Replay from checkpoint ``start_ck`` up to step ``stop`` (exclusive).
+
+        Yields a :class:`StepRecord` per step (``capture``), else ``(s + 1, w_{s+1}, state)``
+        per step, or only after the last step with ``final_only``.
+        """
+        model, opt, params = self._work_model()
+        ck = self._load_checkpoint(start_ck)
+        with torch.no_grad():
+            for n, p in zip(self.param_names, params):
+                p.copy_(ck[f"param/{n}"])
+        load_optimizer_state(opt, {k[len("optim/") :]: v for k, v in ck.items() if k.startswith("optim/")}, self.param_names)
+        spec = self.optimizer_spec
+        for s in range(start_ck, stop):
+            ids = self.batch_ids(s)
+            raw = self._ids[s]
+            batch = gather_batch(self._columns, None if raw is None else ids)
+            w_s = {n: p.detach().clone() for n, p in zip(self.param_names, params)} if capture else None
+            state_before = state_dict_by_key(opt, self.param_names) if capture else None
+            with _num_threads(self.torch_num_threads):
+                out = train_step(model, opt, params, self.loss_fn, batch, self.clip_grad_norm, lr=self._lr[s], capture_grads=capture)
+            if capture:
+                w_next = {n: p.detach().clone() for n, p in zip(self.param_names, params)}
+                state_after = state_dict_by_key(opt, self.param_names)
+                st = state_after.get("step")
+                step_count = int(next(iter(st.values())).item()) if st else s + 1
+                if spec.kind == "sgd":
+                    step_count = s + 1
+                yield StepRecord(
+                    step=s,
+                    params=w_s,
+                    next_params=w_next,
+                    grad=dict(zip(self.param_names, out.grads)),
+                    state_before=state_before,
+                    state_after=state_after,
+                    step_count=step_count,
+                    lr=self._lr[s],
+                    clip_factor=out.clip_factor,
+                    loss=out.loss,
+                    batch_ids=ids,
+                )
+            elif not final_only or s + 1 == stop:
+                yield (
+                    s + 1,
+                    {n: p.detach().clone() for n, p in zip(self.param_names, params)},
+                    state_dict_by_key(opt, self.param_names),
+                )
+
+    def _segment(self, start_ck: int) -> tuple[list[Params], list[State]]:
+        """Params/state at every step of the segment starting at checkpoint ``start_ck`` (cached)."""
+        if self._seg_cache is not None and self._seg_cache[0] == start_ck:
+            return self._seg_cache[1], self._seg_cache[2]
+        i = self.checkpoint_steps.index(start_ck)
+        stop = self.checkpoint_steps[i + 1] if i + 1 < len(self.checkpoint_steps) else start_ck
+        ps = [self._checkpoint_params(start_ck)]
+        sts = [self._checkpoint_state(start_ck)]
+        for _, p, st in self._replay(start_ck, stop, capture=False):
+            ps.append(p)
+            sts.append(st)
+        self._seg_cache = (start_ck, ps, sts)
+        return ps, sts
+
+    def params_at(self, s: int) -> Params:
+        """``w_s`` (clones), by replay from the nearest checkpoint ``<= s``."""
+        s = self._check_step(s)
+        if s in self.checkpoint_steps:
+            return self._checkpoint_params(s)
+        c = self._segment_start(s)
+        return _clone(self._segment(c)[0][s - c])
+
+    def optimizer_state_at(self, s: int) -> State:
+        """Optimizer state before step ``s`` (after ``s`` steps); ``{}`` at step 0."""
+        s = self._check_step(s)
+        if s in self.checkpoint_steps:
+            return self._checkpoint_state(s)
+        c = self._segment_start(s)
+        return {k: _clone(v) for k, v in self._segment(c)[1][s - c].items()}
+
+    def batch_ids(self, s: int) -> Tensor:
+        """``[B]`` training-example ids of step ``s``."""
+        s = self._check_step(s, self.num_steps - 1)
+        raw = self._ids[s]
+        return torch.arange(self.num_train) if raw is None else torch.tensor(raw, dtype=torch.int64)
+
+    def lr(self, s: int) -> float:
+        """Learning rate used at step ``s``."""
+        return self._lr[self._check_step(s, self.num_steps - 1)]
+
+    def clip_factor(self, s: int) -> float:
+        """Clip factor ``κ_s`` of step ``s`` (1.0 without clipping)."""
+        return self._clip[self._check_step(s, self.num_steps - 1)]
+
+    def loss(self, s: int) -> float:
+        """Recorded mean batch loss at step ``s``."""
+        return self._loss[self._check_step(s, self.num_steps - 1)]
+
+    def batch(self, ids: Any) -> dict[str, Tensor]:
+        """Rows ``ids`` of the training set as tensors (what ``loss_fn`` receives)."""
+        return gather_batch(self._columns, check_batch_ids(ids, self.num_train))
+
+    def model(self, step: int = 0) -> nn.Module:
+        """A freshly built model with ``w_step`` loaded, in ``eval()`` mode."""
+        model = self._build_model()
+        params = self.params_at(step)
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in params.items():
+                named[n].copy_(t)
+        return model.eval()
+
+    def _ranges(self, start: int, stop: int | None) -> list[tuple[int, int, int]]:
+        stop = self.num_steps if stop is None else stop
+        start = self._check_step(start)
+        stop = self._check_step(stop)
+        out = []
+        for i, c in enumerate(self.checkpoint_steps[:-1]):
+            nxt = self.checkpoint_steps[i + 1]
+            lo, hi = max(c, start), min(nxt, stop)
+            if lo < hi:
+                out.append((c, lo, hi))
+        return out
+
+    def steps(self, start: int = 0, stop: int | None = None, *, progress: bool = False) -> Iterator[StepRecord]:
+        """Replay steps ``[start, stop)`` forward, yielding a :class:`StepRecord` per step."""
+        from tqdm.auto import tqdm
+
+        ranges = self._ranges(start, stop)
+        bar = tqdm(total=sum(hi - lo for _, lo, hi in ranges), disable=not progress, desc="replay")
+        try:
+            for c, lo, hi in ranges:
+                for rec in self._replay(c, hi, capture=True):
+                    if rec.step >= lo:
+                        bar.update(1)
+                        yield rec
+        finally:
+            bar.close()
+
+    def segments(self, start: int = 0, stop: int | None = None, *, reverse: bool = False) -> Iterator[list[StepRecord]]:
+        """Checkpoint segments ∩ ``[start, stop)``, each as a forward-ordered list of records.
+
+        With ``reverse=True`` segments come from the last one backwards (for adjoint sweeps);
+        records inside each list stay in forward order.
+        """
+        ranges = self._ranges(start, stop)
+        if reverse:
+            ranges = ranges[::-1]
+        for c, lo, hi in ranges:
+            yield [r for r in self._replay(c, hi, capture=True) if r.step >= lo]
+
+    def verify(self, progress: bool = True) -> VerifyReport:
+        """Replay every segment and compare with the next checkpoint (params + optimizer state)."""
+        from tqdm.auto import tqdm
+
+        report = VerifyReport()
+        pairs = list(zip(self.checkpoint_steps[:-1], self.checkpoint_steps[1:]))
+        for c, nxt in tqdm(pairs, disable=not progress, desc="verify"):
+            _, p, st = collections.deque(self._replay(c, nxt, capture=False, final_only=True), maxlen=1)[0]
+            want_p, want_st = self._checkpoint_params(nxt), self._checkpoint_state(nxt)
+            diff = 0.0
+            for n in self.param_names:
+                diff = max(diff, float((p[n].double() - want_p[n].double()).abs().max()))
+            if set(st) != set(want_st):
+                diff = float("inf")
+            else:
+                for key in st:
+                    for n in st[key]:
+                        diff = max(diff, float((st[key][n].double() - want_st[key][n].double()).abs().max()))
+            report.per_checkpoint[nxt] = diff
+            report.max_abs_diff = max(report.max_abs_diff, diff)
+        return report
+
+    def __repr__(self) -> str:
+        return f"Trajectory({str(self.run_dir)!r}, steps={self.num_steps}, checkpoints={len(self.checkpoint_steps)}, optimizer={self.optimizer_spec.kind})"

@@ -1,0 +1,190 @@
+"""Exact replay of recorded runs and validation of run directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import modular_addition, tiny_model
+
+from explaind_tl.errors import ChecksumError, ModelMismatchError, TrajectoryError
+from explaind_tl.losses import last_token_cross_entropy
+from explaind_tl.optim import buffer_after, reconstruct_update, update_coefficients
+from explaind_tl.recorder import TrajectoryRecorder, batch_schedule, train
+from explaind_tl.trajectory import Trajectory
+
+OPTIMIZERS = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.98), weight_decay=1.0),
+    "adam_l2": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1),
+    "sgd_nesterov": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "sgd_dampening": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8, dampening=0.3),
+}
+STEPS, K = 8, 3
+
+
+def _live(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_replay_is_bitwise_exact(tmp_path, name):
+    model = tiny_model()
+    opt = OPTIMIZERS[name](model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s))
+    data = modular_addition(7)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "run", data, last_token_cross_entropy, checkpoint_every=K, scheduler=sched, clip_grad_norm=0.3)
+    live = [_live(model)]
+    for ids in batch_schedule(rec.num_train, STEPS, 16, shuffle=True, seed=1):
+        rec.step(ids)
+        live.append(_live(model))
+    rec.close()
+
+    traj = Trajectory.load(tmp_path / "run")
+    assert traj.num_steps == STEPS and traj.checkpoint_steps == [0, 3, 6, 8]
+    assert min(traj.clip_factor(s) for s in range(STEPS)) < 1.0  # clipping did happen
+    assert len({traj.lr(s) for s in range(STEPS)}) == STEPS  # the schedule changed the lr
+    for s in range(STEPS + 1):
+        got = traj.params_at(s)
+        assert max(float((got[n] - live[s][n]).abs().max()) for n in got) == 0.0, f"step {s}"
+    report = traj.verify(progress=False)
+    assert report.ok and report.max_abs_diff == 0.0 and sorted(report.per_checkpoint) == [3, 6, 8]
+
+    # StepRecords: consistent with live params, and the optimizer algebra reconstructs Δ_s
+    spec = traj.optimizer_spec
+    seen = []
+    for seg in traj.segments(reverse=True):
+        for r in seg:
+            seen.append(r.step)
+            assert all(torch.equal(r.params[n], live[r.step][n]) for n in r.params)
+            assert all(torch.equal(r.next_params[n], live[r.step + 1][n]) for n in r.params)
+            assert r.step_count == r.step + 1 and (r.state_before == {}) == (r.step == 0)
+            coeffs = update_coefficients(spec, r.lr, r.step_count, r.state_after, r.first_step)
+            delta = reconstruct_update(spec, coeffs, r.params, r.grad, buffer_after(spec, r.state_after, r.grad, r.params))
+            for n in r.params:
+                true = r.next_params[n].double() - r.params[n].double()
+                assert bool(((delta[n] - true).abs() <= 1e-6 * (r.params[n].double().abs() + true.abs())).all())
+    assert seen == [6, 7, 3, 4, 5, 0, 1, 2]
+    steps = list(traj.steps(2, 5))
+    assert [r.step for r in steps] == [2, 3, 4]
+    assert torch.equal(steps[0].batch_ids, traj.batch_ids(2)) and steps[0].loss == traj.loss(2)
+    opt_state = traj.optimizer_state_at(4)
+    assert opt_state and all(torch.equal(opt_state[k][n], steps[1].state_after[k][n]) for k in opt_state for n in opt_state[k])
+
+
+def test_train_full_batch_and_model(tmp_path):
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1.0)
+    calls = []
+
+    def cb(step, m):
+        calls.append(step)
+        return {"acc": 0.5}
+
+    traj = train(model, opt, modular_addition(7), last_token_cross_entropy, steps=5, run_dir=tmp_path / "run", checkpoint_every=2, callback=cb, callback_every=2, progress=False)
+    assert calls == [2, 4, 5] and (tmp_path / "run" / "metrics.csv").exists()
+    assert traj.checkpoint_steps == [0, 2, 4, 5] and len(traj.batch_ids(3)) == 49
+    rebuilt = traj.model(3)
+    assert not rebuilt.training
+    assert all(torch.equal(p, traj.params_at(3)[n]) for n, p in rebuilt.named_parameters())
+    assert traj.verify(progress=False).ok
+    batch = traj.batch([3, 1])
+    assert batch["id"].tolist() == [3, 1] and batch["tokens"].shape == (2, 3)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "run"
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, opt, modular_addition(7), last_token_cross_entropy, steps=4, batch_size=8, run_dir=run, checkpoint_every=2, progress=False)
+    return run
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupted_checkpoint_raises_checksum_error(recorded, tmp_path):
+    run = _copy(recorded, tmp_path / "run")
+    f = run / "checkpoints" / "step_00000002.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="step_00000002"):
+        Trajectory.load(run)
+    Trajectory.load(run, check=False)  # checksums skipped
+
+
+def test_truncated_or_missing_files(recorded, tmp_path):
+    run = _copy(recorded, tmp_path / "a")
+    f = run / "checkpoints" / "step_00000004.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ChecksumError, match="step_00000004"):
+        Trajectory.load(run)
+    with pytest.raises(TrajectoryError, match="step_00000004"):
+        Trajectory.load(run, check=False).params_at(4)
+    run = _copy(recorded, tmp_path / "b")
+    seg = next((run / "records").glob("*.parquet"))
+    seg.unlink()
+    with pytest.raises(TrajectoryError, match=seg.name):
+        Trajectory.load(run)
+    run = _copy(recorded, tmp_path / "c")
+    (run / "manifest.json").unlink()
+    with pytest.raises(TrajectoryError, match="manifest.json"):
+        Trajectory.load(run)
+
+
+def test_model_mismatch(recorded, tmp_path):
+    run = _copy(recorded, tmp_path / "run")
+    man = json.loads((run / "manifest.json").read_text())
+    man["model"]["config"]["d_model"] = 32  # rebuilt model no longer matches the stored params
+    (run / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ModelMismatchError, match="d_model|shape|param"):
+        Trajectory.load(run)
+    with pytest.raises(ModelMismatchError):
+        TrajectoryRecorder.resume(recorded, model=tiny_model(d_model=32))
+
+
+def test_unimportable_loss_fn_needs_loss_fn(tmp_path):
+    model = tiny_model()
+
+    def local_loss(m, b):
+        return last_token_cross_entropy(m, b)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, opt, modular_addition(7), local_loss, steps=2, run_dir=tmp_path / "run", checkpoint_every=1, progress=False)
+    with pytest.raises(TrajectoryError, match="loss_fn"):
+        Trajectory.load(tmp_path / "run")
+    assert Trajectory.load(tmp_path / "run", loss_fn=local_loss).verify(progress=False).ok
+
+
+def test_plain_sgd_step_records_reconstruct(recorded):
+    traj = Trajectory.load(recorded)
+    spec = traj.optimizer_spec
+    for r in traj.steps():
+        assert r.state_before == {} and r.state_after == {}
+        coeffs = update_coefficients(spec, r.lr, r.step_count, r.state_after, r.first_step)
+        assert not coeffs.has_buffer
+        delta = reconstruct_update(spec, coeffs, r.params, r.grad, None)
+        for n in r.params:
+            true = r.next_params[n].double() - r.params[n].double()
+            assert bool(((delta[n] - true).abs() <= 1e-6 * (r.params[n].double().abs() + true.abs())).all())
+
+
+def test_hooked_transformer_config_roundtrip():
+    from conftest import tiny_config
+
+    from explaind_tl.models import (
+        hooked_transformer_config_from_dict,
+        hooked_transformer_config_to_dict,
+    )
+
+    cfg = tiny_config(11, d_model=32, dtype=torch.float64)
+    d = hooked_transformer_config_to_dict(cfg)
+    assert json.loads(json.dumps(d)) == d and d["dtype"] == "torch.float64"
+    again = hooked_transformer_config_from_dict(d)
+    assert again.dtype == torch.float64 and hooked_transformer_config_to_dict(again) == d
