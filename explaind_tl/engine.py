@@ -168,6 +168,7 @@ class _Engine:
         kink_aware: bool,
         query_chunk: int,
         train_chunk: int,
+        position: int | None = None,
     ) -> None:
         self.traj = trajectory
         self.plan = plan
@@ -185,6 +186,11 @@ class _Engine:
         self.layout = ParamLayout(tuple(self.names), tuple(params0[n].shape for n in self.names))
         self.qf = QueryFunction(model, self.names, metric_fn, dtype=dtype, device=device)
         self.kink_aware = kink_aware and self.qf.has_kinks
+        self.unit_filter = self.unit_index = None
+        if self.kink_aware and "tokens" in self.batch:
+            self.unit_filter = self.qf.relevant_units(self.batch["tokens"].shape[1], position)
+            if self.unit_filter is not None:
+                self.unit_index = torch.nonzero(self.unit_filter).reshape(-1)
         self.spec = trajectory.optimizer_spec
         self.cmap = cmap
         if cmap is not None:
@@ -197,6 +203,7 @@ class _Engine:
         self._lossf: LossFunction | None = None
         self.nodes_used: dict[int, int] = {}
         self.kinks_seen: dict[int, int] = {}
+        self.ends: dict[int, Tensor] = {}
         self.n_units = 0
         self.step_measured: dict[int, Tensor] = {}
         self.step_attributed: dict[int, Tensor] = {}
@@ -236,33 +243,58 @@ class _Engine:
         return slice(int(idx[0]) * o, (int(idx[-1]) + 1) * o)
 
     # ------------------------------------------------------------ certificate
-    def endpoint(self, params: Params) -> tuple[Tensor, Tensor | None]:
-        """Metric values ``[Q, O]`` (float64) and ReLU pre-activations at a trajectory point."""
+    def endpoint(self, params: Params, step: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Metric values ``[Q, O]`` (float64) and ReLU pre-activations at a trajectory point.
+
+        Values at the window's ends are kept (``self.ends``) for the total certificate.
+        """
+        out = self._endpoint(params)
+        if step is not None and step in self.plan.window:
+            self.ends[step] = out[0]
+        return out
+
+    def _endpoint(self, params: Params) -> tuple[Tensor, Tensor | None]:
         p = self.to_cert(params)
         vals, pre = [], []
         for idx in self.chunks():
             sub = _take(self.batch, idx)
             if self.kink_aware:
                 v, z = self.qf.values_and_preacts(p, sub)
-                pre.append(z)
+                pre.append(z.cpu())
             else:
                 v = self.qf.values(p, sub)
             vals.append(v)
         return torch.cat(vals).to(torch.float64), (torch.cat(pre) if pre else None)
 
     # ------------------------------------------------------------- quadrature
-    def _kinks(self, w: Params, delta: Params, idx: Tensor, t_nodes: Tensor, z0: Tensor, z1: Tensor):
-        """Sign changes of the chunk's ReLU pre-activations, sampled at 0, the nodes and 1."""
-        sub = _take(self.batch, idx)
+    def _kinks(self, w: Params, delta: Params, idx: Tensor, t_nodes: Tensor, z0: Tensor, z1: Tensor, scan_all: bool):
+        """Sign changes of the chunk's relevant ReLU pre-activations, sampled at 0, the nodes and 1.
+
+        Only queries with a sign change between the segment's ends are sampled at the nodes,
+        unless ``scan_all`` (used when the certificate asks for refinement, to catch units that
+        switch twice inside the segment).
+        """
+        idx = idx.cpu()
+        a, b = z0[idx], z1[idx]
+        if self.unit_filter is not None:
+            a, b = a[:, self.unit_filter], b[:, self.unit_filter]
+        cand = torch.arange(len(idx)) if scan_all else torch.nonzero(((a * b) < 0).any(1)).reshape(-1)
+        empty = torch.zeros(0, dtype=torch.long)
+        if len(cand) == 0:
+            return empty, empty, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+        sub = _take(self.batch, idx[cand].to(self.device))
         inner = []
         for tj in t_nodes.tolist():
             p = {k: w[k] + tj * delta[k] for k in self.names}
-            inner.append(self.qf.values_and_preacts(p, sub, cert=False)[1].to(torch.float64))
-        z = torch.stack([z0[idx], *inner, z1[idx]], dim=1).cpu()  # [q, m, U]
+            zj = self.qf.values_and_preacts(p, sub, cert=False)[1].to(torch.float64).cpu()
+            inner.append(zj[:, self.unit_filter] if self.unit_filter is not None else zj)
+        z = torch.stack([a[cand], *inner, b[cand]], dim=1)  # [q, m, U']
         t = torch.cat([torch.zeros(1, dtype=torch.float64), t_nodes, torch.ones(1, dtype=torch.float64)])
         q, u, ts, on = kink_points(t, z)
+        if self.unit_filter is not None:
+            u = self.unit_index[u]
         self.kinks_seen[self._current_step] = self.kinks_seen.get(self._current_step, 0) + len(q)
-        return idx.cpu()[q], u, ts, on
+        return idx[cand][q], u, ts, on
 
     def _phi_chunk(
         self, w: Params, delta: Params, idx: Tensor, n: int, ends: tuple[Tensor, Tensor] | None
@@ -277,7 +309,7 @@ class _Engine:
         idx_cpu = idx.cpu()
         rows_q, weights, force = idx_cpu, w_nodes[None, :].expand(len(idx_cpu), n), None
         if ends is not None:
-            q, u, ts, on = self._kinks(w, delta, idx, t_nodes, *ends)
+            q, u, ts, on = self._kinks(w, delta, idx, t_nodes, *ends, scan_all=n > self.nodes)
             if len(q):
                 self.n_units = ends[0].shape[1]
                 kp = kink_pieces(t_nodes, q, u, ts, on)
@@ -386,8 +418,8 @@ class _Engine:
             for rec in seg:
                 s = rec.step
                 if q0 is None:
-                    q0 = self.endpoint(rec.params)
-                q1 = self.endpoint(rec.next_params)
+                    q0 = self.endpoint(rec.params, s)
+                q1 = self.endpoint(rec.next_params, s + 1)
                 phi = self.phi(s, rec.params, rec.next_params, q0, q1)
                 vectors = self.realized_vectors(rec, want_sources, H, Rb)
                 if want_sources:
@@ -470,8 +502,8 @@ class _Engine:
             for rec in reversed(seg):
                 s = rec.step
                 if q1 is None:
-                    q1 = self.endpoint(rec.next_params)
-                q0 = self.endpoint(rec.params)
+                    q1 = self.endpoint(rec.next_params, s + 1)
+                q0 = self.endpoint(rec.params, s)
                 phi = self.phi(s, rec.params, rec.next_params, q0, q1)
                 q1 = q0
                 co = self.coefficients(rec)
@@ -538,12 +570,16 @@ class _Engine:
             "nodes_used": dict(self.nodes_used),
             "step_measured": dict(self.step_measured),
             "step_attributed": dict(self.step_attributed),
+            "ends": dict(self.ends),
+            "kinks_seen": dict(self.kinks_seen),
         }
 
     def _restore(self, state: dict) -> None:
         self.nodes_used = dict(state["nodes_used"])
         self.step_measured = dict(state["step_measured"])
         self.step_attributed = dict(state["step_attributed"])
+        self.ends = dict(state["ends"])
+        self.kinks_seen = dict(state["kinks_seen"])
 
 
 class _Resume:
@@ -718,7 +754,8 @@ def explain(
     )
     kink = (kink_aware == "auto") or bool(kink_aware)
     engine = _Engine(
-        trajectory, batch, metric_fn, plan, cmap, dtype, device, tol, nodes, max_nodes, kink, query_chunk, train_chunk
+        trajectory, batch, metric_fn, plan, cmap, dtype, device, tol, nodes, max_nodes, kink, query_chunk, train_chunk,
+        position=None if callable(metric) else position,
     )
     acc = torch.zeros(n_bins, plan.n_rows, engine.n_comp, len(x_labels), dtype=torch.float64)
     resume = None
@@ -743,9 +780,7 @@ def explain(
         engine.run_realized(progress, acc, resume)
 
     # ----------------------------------------------------------- assemble result
-    q_a = engine.endpoint(trajectory.params_at(a))[0]
-    q_b = engine.endpoint(trajectory.params_at(b))[0]
-    measured = plan.rows(q_b) - plan.rows(q_a)
+    measured = plan.rows(engine.ends[b]) - plan.rows(engine.ends[a])
     steps_sorted = list(range(a, b))
     step_measured = torch.stack([engine.step_measured[s] for s in steps_sorted])
     step_attr = torch.stack([engine.step_attributed[s] for s in steps_sorted])
@@ -773,6 +808,7 @@ def explain(
         "nodes": nodes,
         "max_nodes": max_nodes,
         "kink_aware": engine.kink_aware,
+        "kinks": int(sum(engine.kinks_seen.values())),
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
         "optimizer": trajectory.optimizer_spec.to_dict(),

@@ -175,9 +175,9 @@ class QueryFunction:
             n = z[0].numel() if z.ndim > 1 else 1
             sl = slice(offset[0], offset[0] + n)
             offset[0] += n
-            m = kmask[:, sl].reshape(z.shape)
+            m = kmask[:, sl].reshape(z.shape).to(z.dtype)
             on = kval[:, sl].reshape(z.shape).to(z.dtype)
-            return torch.where(m, z * on, post)
+            return post + m * (z * on - post)
 
         if _is_hooked_transformer(model):
             pre: dict[str, Tensor] = {}
@@ -204,6 +204,30 @@ class QueryFunction:
         finally:
             for h in handles:
                 h.remove()
+
+    def relevant_units(self, n_pos: int, position: int | None) -> Tensor | None:
+        """Which flattened ReLU units can influence a metric read at ``position``.
+
+        In a causal HookedTransformer, MLP units at positions after the read-out position never
+        reach it, and in the last layer only the read-out position itself does. Kinks of the
+        other units change nothing and are ignored. ``None`` (all units) for other models or
+        when the position is unknown (callable metrics).
+        """
+        if position is None or not _is_hooked_transformer(self.model) or not self.hook_names:
+            return None
+        cfg = self.model.cfg
+        if getattr(cfg, "attention_dir", "causal") != "causal":
+            return None
+        pos = position % n_pos
+        keep = []
+        for layer in range(cfg.n_layers):
+            m = torch.zeros(n_pos, cfg.d_mlp, dtype=torch.bool)
+            if layer == cfg.n_layers - 1:
+                m[pos] = True
+            else:
+                m[: pos + 1] = True
+            keep.append(m.reshape(-1))
+        return torch.cat(keep)
 
     def values_and_preacts(
         self, params: Params, batch: dict[str, Tensor], cert: bool = True
