@@ -58,28 +58,28 @@ def make_opt(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Op
 def plain_loop(args, data, loss_fn) -> float:
     model = make_model(args)
     opt = make_opt(model, args)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model, data).mean()
         loss.backward()
         opt.step()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def recorded_loop(args, data, loss_fn, run_dir: Path) -> tuple[float, float]:
+def recorded_loop(args, data, loss_fn, run_dir: Path) -> tuple[float, float, float]:
     from explaind_tl.recorder import TrajectoryRecorder
 
     model = make_model(args)
     opt = make_opt(model, args)
     t0 = time.perf_counter()
     rec = TrajectoryRecorder(model, opt, run_dir, data, loss_fn, checkpoint_every=args.checkpoint_every, overwrite=True)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         rec.step(None)
     rec.close()
-    t2 = time.perf_counter()
-    return t2 - t1, t2 - t0
+    t2, c2 = time.perf_counter(), time.process_time()
+    return t2 - t1, t2 - t0, c2 - c1
 
 
 def dir_bytes(path: Path, exclude: str | None = None) -> int:
@@ -111,12 +111,15 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_recording_"))
     run_dir = tmp / "run"
     try:
-        plain, steady, total = [], [], []
+        plain, plain_cpu, steady, total, steady_cpu = [], [], [], [], []
         for _ in range(args.repeats):
-            plain.append(plain_loop(args, data, loss_fn))
-            s, t = recorded_loop(args, data, loss_fn, run_dir)
+            w, c = plain_loop(args, data, loss_fn)
+            plain.append(w)
+            plain_cpu.append(c)
+            s, t, c = recorded_loop(args, data, loss_fn, run_dir)
             steady.append(s)
             total.append(t)
+            steady_cpu.append(c)
         model = make_model(args)
         n_params = sum(p.numel() for p in model.parameters())
         bytes_all = dir_bytes(run_dir)
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"plain torch loop:      {tp:8.3f} s  ({1e3 * tp / args.steps:.2f} ms/step)")
         print(f"recorded (steps only): {ts:8.3f} s  overhead {100 * (ts / tp - 1):+.1f}%")
         print(f"recorded (incl setup): {tt:8.3f} s  overhead {100 * (tt / tp - 1):+.1f}%")
+        cp, cs = min(plain_cpu), min(steady_cpu)
+        print(f"CPU time (less sensitive to other load): plain {cp:.3f} s, recorded {cs:.3f} s, overhead {100 * (cs / cp - 1):+.1f}%")
         print(f"disk: {bytes_all / 1e6:.2f} MB total, {bytes_traj / 1e6:.2f} MB without the training data")
         print(f"bytes/step: {bytes_traj / args.steps:,.0f} (all files: {bytes_all / args.steps:,.0f}) vs {full_per_step:,} storing every step's params+optimizer state -> {full_per_step * args.steps / bytes_traj:.1f}x smaller")
         if args.verify:

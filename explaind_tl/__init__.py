@@ -25,6 +25,9 @@ _LAZY = {
     "explain": "explaind_tl.engine",
     "Attribution": "explaind_tl.attribution",
     "ComponentMap": "explaind_tl.components",
+    "component_influence": "explaind_tl.questions",
+    "top_training_examples": "explaind_tl.questions",
+    "data_vs_weight_decay": "explaind_tl.questions",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

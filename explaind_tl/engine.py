@@ -70,8 +70,7 @@ def normalize_queries(queries: Any, model: torch.nn.Module | None = None, needs_
     elif hasattr(queries, "with_format") and hasattr(queries, "column_names"):
         if len(queries) == 0:
             raise QueryError("the query set is empty")
-        ds = queries.with_format("torch")
-        batch = {k: ds[k] for k in queries.column_names}
+        batch = dict(queries.with_format("torch")[:])
         batch = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
     else:
         raise QueryError(f"queries must be a tensor, a dict of tensors or a datasets.Dataset, got {type(queries)}")
@@ -640,7 +639,7 @@ def explain(
     kink_aware: bool | str = "auto",
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
-    query_chunk: int = 512,
+    query_chunk: int | None = None,
     train_chunk: int = 256,
     progress: bool = True,
     resume_dir: str | Path | None = None,
@@ -672,7 +671,9 @@ def explain(
         dtype: working dtype of gradients (default: the trajectory's, float32); sums are
             accumulated in float64 and certificates are measured in float64.
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
-        query_chunk: queries per vmap chunk; train_chunk: training examples per chunk.
+        query_chunk: queries per chunk (default: 4096 aggregated, 256 with a query axis, where
+            per-query gradients of a chunk are held at once); train_chunk: training examples per
+            chunk of per-example gradients.
         progress: show tqdm progress bars.
         resume_dir: persist partial sums after every checkpoint segment and continue from them.
 
@@ -753,6 +754,8 @@ def explain(
         clock=clock,
     )
     kink = (kink_aware == "auto") or bool(kink_aware)
+    if query_chunk is None:
+        query_chunk = 256 if plan.resolve_query else 4096
     engine = _Engine(
         trajectory, batch, metric_fn, plan, cmap, dtype, device, tol, nodes, max_nodes, kink, query_chunk, train_chunk,
         position=None if callable(metric) else position,

@@ -274,6 +274,12 @@ def test_relu_kink_aware_meets_tolerance(tmp_path):
     step_ok = c.step_residual.abs().squeeze(-1) <= tol * c.step_measured.abs().squeeze(-1) + 1e-12
     assert bool(step_ok.all()), c.step_residual
     assert abs(float(c.measured.sum() - c.attributed.sum())) <= tol * float(c.measured.abs().sum())
+    # per query too: every query's own certificate meets the tolerance
+    per_q = explain(traj, test, by=("query", "step"), dtype=torch.float64, tol=tol, progress=False)
+    cq = per_q.completeness
+    assert bool((cq.step_residual.abs() <= tol * cq.step_measured.abs() + 1e-12).all()), cq.step_residual
+    # both are certified to tol per step, so they agree to that order
+    torch.testing.assert_close(per_q.values.sum(0), attr.values, rtol=0, atol=2 * tol * float(attr.values.abs().max()))
     # without kink handling the same fixed rule is measurably worse on this ReLU run
     plain = explain(traj, test, by=("step",), dtype=torch.float64, kink_aware=False, nodes=2, max_nodes=2, progress=False)
     err_plain = float((plain.completeness.step_residual).abs().sum())
@@ -330,14 +336,34 @@ def test_bad_queries(gelu_run):
         explain(traj, test, by=("time",), progress=False)
 
 
-def test_resume_dir_continues(gelu_run, tmp_path):
+class _DiesAfterOneSegment:
+    """A trajectory whose replay dies after its first checkpoint segment (a killed job)."""
+
+    def __init__(self, traj) -> None:
+        self._traj = traj
+
+    def __getattr__(self, name):
+        return getattr(self._traj, name)
+
+    def segments(self, *args, **kwargs):
+        it = self._traj.segments(*args, **kwargs)
+        yield next(it)
+        raise RuntimeError("killed")
+
+
+@pytest.mark.parametrize("by", [("step", "component"), ("train", "component")])
+def test_resume_dir_continues(gelu_run, tmp_path, by):
     traj, test = gelu_run
-    kw = dict(by=("step", "component"), components="head", dtype=torch.float64, progress=False)
+    kw = dict(by=by, components="head", dtype=torch.float64, progress=False)
     ref = explain(traj, test, **kw)
-    first = explain(traj, test, resume_dir=tmp_path / "part", **kw)
+    with pytest.raises(RuntimeError, match="killed"):
+        explain(_DiesAfterOneSegment(traj), test, resume_dir=tmp_path / "part", **kw)
+    assert (tmp_path / "part" / "explain_state.pt").exists()
+    resumed = explain(traj, test, resume_dir=tmp_path / "part", **kw)
     again = explain(traj, test, resume_dir=tmp_path / "part", **kw)  # everything already done
-    torch.testing.assert_close(first.values, ref.values, rtol=0, atol=0)
-    torch.testing.assert_close(again.values, ref.values, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.values, ref.values, rtol=0, atol=1e-15)
+    torch.testing.assert_close(again.values, ref.values, rtol=0, atol=1e-15)
+    torch.testing.assert_close(resumed.completeness.measured, ref.completeness.measured, rtol=0, atol=0)
     with pytest.raises(QueryError, match="different explain"):
         explain(traj, test, resume_dir=tmp_path / "part", by=("step",), progress=False)
 
@@ -353,3 +379,28 @@ def test_train_axis_by_component_matches_realized(gelu_run):
     torch.testing.assert_close(tc.values.sum(0), t.values, rtol=0, atol=1e-12 * scale)
     # per component, the seen clock (adjoint) and the realized clock agree
     torch.testing.assert_close(tc.values.sum(1), c.values, rtol=0, atol=1e-10 * scale)
+
+
+def test_question_helpers(gelu_run):
+    from explaind_tl import component_influence, data_vs_weight_decay, top_training_examples
+
+    traj, test = gelu_run
+    kw = dict(dtype=torch.float64, progress=False)
+    full = explain(traj, test, by=("component", "step"), components="head", **kw)
+    head = component_influence(traj, test, "L0H1", **kw)
+    assert head.dims == ("step",)
+    torch.testing.assert_close(head.values, full.values[full.coords["component"].index("L0H1")], rtol=0, atol=0)
+    per_train = explain(traj, test, by=("component", "query", "train"), components="head", **kw)
+    top = top_training_examples(traj, test, "L0H1", k=3, query=2, **kw)
+    col = per_train.values[per_train.coords["component"].index("L0H1"), 2, : traj.num_train]
+    expected = col.abs().argsort(descending=True)[:3].tolist()
+    assert top["train"].tolist() == expected
+    torch.testing.assert_close(torch.tensor(top["value"].tolist(), dtype=torch.float64), col[expected], rtol=0, atol=0)
+    split = data_vs_weight_decay(traj, test, step_bins=3, **kw)
+    assert {"data", "weight_decay", "total"} <= set(split.columns)
+    assert (split["weight_decay"].abs() > 0).any()
+    # the per-(component, window) totals add up to the plain component attribution
+    binned = explain(traj, test, by=("component", "step"), components="head", step_bins=3, **kw)
+    for (comp, step), total in split["total"].items():
+        ref = float(binned.values[binned.coords["component"].index(comp), binned.coords["step"].index(step)])
+        assert abs(total - ref) <= 1e-12 * float(binned.values.abs().max())
