@@ -73,7 +73,7 @@ def recorded_loop(args, data, loss_fn, run_dir: Path) -> tuple[float, float, flo
     model = make_model(args)
     opt = make_opt(model, args)
     t0 = time.perf_counter()
-    rec = TrajectoryRecorder(model, opt, run_dir, data, loss_fn, checkpoint_every=args.checkpoint_every, overwrite=True)
+    rec = TrajectoryRecorder(model, opt, run_dir, data, loss_fn, checkpoint_every=args.checkpoint_every, overwrite=True, num_threads=args.threads)
     t1, c1 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         rec.step(None)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--wd", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="alternate plain/recorded runs this many times; best of each")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (recorded in the manifest)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads of both loops (the recorder pins its steps to this; >1 makes replay inexact on CPU)")
     ap.add_argument("--verify", action="store_true", help="also replay the run and check it bitwise")
     args = ap.parse_args(argv)
 

@@ -20,6 +20,7 @@ _LAZY = {
     "train": "explaind_tl.recorder",
     "Trajectory": "explaind_tl.trajectory",
     "StepRecord": "explaind_tl.trajectory",
+    "ReplayMismatchWarning": "explaind_tl.trajectory",
     "TrajectoryError": "explaind_tl.errors",
     "UnsupportedOptimizerError": "explaind_tl.errors",
     "explain": "explaind_tl.engine",

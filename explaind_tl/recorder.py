@@ -9,8 +9,11 @@ manifest lists only complete files, so a crash leaves a valid run up to its last
 and :meth:`TrajectoryRecorder.resume` continues from there.
 
 Recording and replay (:class:`explaind_tl.trajectory.Trajectory`) share :func:`train_step`,
-use torch's single-tensor optimizer code (``foreach=False``) and the same batch tensors, so
-replay on the same machine and thread count is bitwise identical.
+use torch's single-tensor optimizer code (``foreach=False``), the same batch tensors and the
+same number of CPU threads, so replay on the same machine is bitwise identical. The recorded
+steps run single-threaded by default: multi-threaded CPU kernels are not bitwise reproducible
+(their results depend on memory alignment and scheduling), and a small-lr Adam run amplifies a
+1e-8 difference in one step's gradient into 1e-2 parameter differences within 100 steps.
 
 :func:`train` is a convenience loop (full batch or seeded shuffled minibatches) on top.
 """
@@ -18,12 +21,13 @@ replay on the same machine and thread count is bitwise identical.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -305,6 +309,20 @@ def _bitwise_equal(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.detach().reshape(-1).contiguous().view(torch.uint8), b.detach().reshape(-1).contiguous().view(torch.uint8))
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (``None``: leave as is), then restore."""
+    cur = torch.get_num_threads()
+    if n is None or n == cur:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(cur)
+
+
 def determinism_probe(model: nn.Module, loss_fn: LossFn, batch: dict[str, Tensor]) -> None:
     """Run ``loss_fn`` twice and require bitwise-equal losses and an untouched RNG.
 
@@ -378,6 +396,10 @@ class TrajectoryRecorder:
         model_factory: Zero-argument callable rebuilding ``model`` (needed unless a
             ``HookedTransformer``); stored by import path.
         overwrite: Allow a non-empty ``run_dir`` (its contents are deleted).
+        num_threads: torch CPU threads used inside each recorded step (and by replay).
+            The default 1 makes replay bitwise exact; ``None`` keeps torch's current setting,
+            which on CPU usually makes replay drift (``Trajectory.verify()`` measures it and
+            :func:`explaind_tl.explain` reports it as ``meta["replay_mismatch"]``).
 
     Use as a context manager, or call :meth:`close` when done.
     """
@@ -395,6 +417,7 @@ class TrajectoryRecorder:
         model_factory: Callable[[], nn.Module] | None = None,
         *,
         overwrite: bool = False,
+        num_threads: int | None = 1,
         _resume: dict[str, Any] | None = None,
     ) -> None:
         if int(checkpoint_every) < 1:
@@ -418,8 +441,13 @@ class TrajectoryRecorder:
         self._probed = False
         self._closed = False
 
+        if num_threads is not None and int(num_threads) < 1:
+            raise RecordingError(f"num_threads must be >= 1 or None, got {num_threads}")
+        self.num_threads = None if num_threads is None else int(num_threads)
+
         if _resume is not None:
             self.manifest = _resume["manifest"]
+            self.num_threads = self.manifest.get("torch_num_threads")
             self.train_data = _resume["train_data"]
             self._columns = _resume["columns"]
             self.num_train = len(self.train_data)
@@ -447,7 +475,7 @@ class TrajectoryRecorder:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "versions": package_versions(),
-            "torch_num_threads": torch.get_num_threads(),
+            "torch_num_threads": self.num_threads or torch.get_num_threads(),
             "model": mspec,
             "model_training": bool(model.training),
             "loss_fn": import_path(loss_fn),
@@ -588,9 +616,11 @@ class TrajectoryRecorder:
         batch = self.batch(ids)
         check_no_dropout(self.model)
         if not self._probed:
-            determinism_probe(self.model, self.loss_fn, batch)
+            with torch_threads(self.num_threads):
+                determinism_probe(self.model, self.loss_fn, batch)
             self._probed = True
-        out = train_step(self.model, self.optimizer, self.params, self.loss_fn, batch, self.clip_grad_norm)
+        with torch_threads(self.num_threads):
+            out = train_step(self.model, self.optimizer, self.params, self.loss_fn, batch, self.clip_grad_norm)
         if self.scheduler is not None:
             self.scheduler.step()
         self._records.append(
@@ -743,6 +773,7 @@ def train(
     progress: bool = True,
     model_factory: Callable[[], nn.Module] | None = None,
     overwrite: bool = False,
+    num_threads: int | None = 1,
 ) -> Trajectory:
     """Train ``model`` for ``steps`` recorded steps and return the :class:`Trajectory`.
 
@@ -767,6 +798,7 @@ def train(
         progress: Show a tqdm progress bar.
         model_factory: For non-HookedTransformer models.
         overwrite: Replace a non-empty ``run_dir``.
+        num_threads: CPU threads of each recorded step (see :class:`TrajectoryRecorder`).
     """
     from tqdm.auto import tqdm
 
@@ -781,6 +813,7 @@ def train(
         clip_grad_norm=clip_grad_norm,
         model_factory=model_factory,
         overwrite=overwrite,
+        num_threads=num_threads,
     )
     schedule = batch_schedule(rec.num_train, steps, batch_size, shuffle, seed)
     metrics: list[dict[str, Any]] = []

@@ -207,8 +207,8 @@ class GrokkingConfig:
     step_bin: int = 50
     align_window: int = 100
     n_align_queries: int = 16
-    n_test_queries: int | None = 384
-    n_train_queries: int | None = 128
+    n_test_queries: int | None = 256
+    n_train_queries: int | None = 96
     n_fourier_keys: int = 5
     description: str = field(default="", compare=False)
 
@@ -295,7 +295,7 @@ CONFIGS: dict[str, GrokkingConfig] = {
         name="default",
         description=(
             "p=59, 50% train, d_model 64, 4 heads, d_mlp 256; AdamW lr 1e-3 wd 1.0; "
-            "stops 300 steps after test acc >= 99% (~2.5k steps, ~2 min of training on 2 CPU cores)"
+            "stops 200 steps after test acc >= 99% (~2.4k steps, ~2-3 min of training on 2 CPU cores)"
         ),
     ),
     "nanda": GrokkingConfig(

@@ -5,17 +5,18 @@ A :class:`Trajectory` reads a run directory written by
 listed file) and reproduces any step by replaying from the nearest checkpoint with the shared
 :func:`explaind_tl.recorder.train_step`: same model code, same batch tensors, same optimizer
 implementation (``foreach=False``), the recorded learning rate set before each step. On the
-machine and thread count used for recording (``torch.get_num_threads()``, stored in the
-manifest and re-applied during replay) replay is bitwise identical; :meth:`Trajectory.verify`
-checks this against every checkpoint.
+machine and thread count used for recording (one thread by default, stored in the manifest and
+re-applied during replay) replay is bitwise identical; :meth:`Trajectory.verify` checks this
+against every checkpoint, and :meth:`Trajectory.segments` compares each replayed segment's end
+with its checkpoint (``replay_mismatch``, :class:`ReplayMismatchWarning`).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,16 @@ from explaind_tl.recorder import (
     dataset_columns,
     gather_batch,
     load_train_data,
+    torch_threads,
     train_step,
 )
 
 Params = dict[str, Tensor]
 State = dict[str, dict[str, Tensor]]
+
+
+class ReplayMismatchWarning(UserWarning):
+    """A replayed segment did not reproduce its closing checkpoint bitwise."""
 
 
 @dataclass
@@ -110,18 +116,6 @@ class VerifyReport:
 def _clone(d: Params) -> Params:
     return {k: v.detach().clone() for k, v in d.items()}
 
-
-@contextlib.contextmanager
-def _num_threads(n: int | None) -> Iterator[None]:
-    cur = torch.get_num_threads()
-    if n is None or n == cur:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(cur)
 
 
 class Trajectory:
@@ -194,6 +188,8 @@ class Trajectory:
         self.clip_grad_norm = man.get("clip_grad_norm")
         self.num_train = int(man["num_train"])
         self.torch_num_threads = man.get("torch_num_threads")
+        self.replay_mismatch: dict[int, float] = {}
+        self._warned_replay = False
         self._model_factory = model_factory
         if model_factory is None and man["model"]["kind"] == "factory" and not man["model"].get("factory"):
             raise TrajectoryError(
@@ -351,7 +347,7 @@ class Trajectory:
             batch = gather_batch(self._columns, None if raw is None else ids)
             w_s = {n: p.detach().clone() for n, p in zip(self.param_names, params)} if capture else None
             state_before = state_dict_by_key(opt, self.param_names) if capture else None
-            with _num_threads(self.torch_num_threads):
+            with torch_threads(self.torch_num_threads):
                 out = train_step(model, opt, params, self.loss_fn, batch, self.clip_grad_norm, lr=self._lr[s], capture_grads=capture)
             if capture:
                 w_next = {n: p.detach().clone() for n, p in zip(self.param_names, params)}
@@ -479,7 +475,31 @@ class Trajectory:
         if reverse:
             ranges = ranges[::-1]
         for c, lo, hi in ranges:
-            yield [r for r in self._replay(c, hi, capture=True) if r.step >= lo]
+            records = [r for r in self._replay(c, hi, capture=True) if r.step >= lo]
+            if records and hi in self.checkpoint_steps:
+                self._check_replay(hi, records[-1].next_params)
+            yield records
+
+    def _check_replay(self, step: int, replayed: Params) -> None:
+        """Compare a replayed ``w_step`` with the stored checkpoint; record and warn on drift.
+
+        The largest absolute difference per checkpoint is kept in ``self.replay_mismatch``
+        (``{step: max abs diff}``); anything nonzero means the per-step records of the
+        preceding segment are not the recorded run's (see :class:`TrajectoryRecorder`'s
+        ``num_threads``), and a :class:`ReplayMismatchWarning` says so once per trajectory.
+        """
+        want = self._checkpoint_params(step)
+        diff = max(float((replayed[n].double() - want[n].double()).abs().max()) for n in self.param_names)
+        self.replay_mismatch[step] = diff
+        if diff > 0 and not self._warned_replay:
+            self._warned_replay = True
+            warnings.warn(
+                f"replay does not reproduce checkpoint {step} bitwise (max abs diff {diff:.3g}): the run was "
+                f"recorded with {self.torch_num_threads} CPU threads, whose kernels are not reproducible; "
+                "record with TrajectoryRecorder(..., num_threads=1) for exact replay",
+                ReplayMismatchWarning,
+                stacklevel=3,
+            )
 
     def verify(self, progress: bool = True) -> VerifyReport:
         """Replay every segment and compare with the next checkpoint (params + optimizer state)."""

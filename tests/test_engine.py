@@ -404,3 +404,54 @@ def test_question_helpers(gelu_run):
     for (comp, step), total in split["total"].items():
         ref = float(binned.values[binned.coords["component"].index(comp), binned.coords["step"].index(step)])
         assert abs(total - ref) <= 1e-12 * float(binned.values.abs().max())
+
+
+@pytest.mark.parametrize("by", [("step", "component"), ("train",)])
+def test_background_replay_matches_sequential(gelu_run, by, monkeypatch):
+    import explaind_tl.engine as eng
+
+    traj, test = gelu_run
+    kw = dict(by=by, components="head", dtype=torch.float64, progress=False)
+    seq = explain(traj, test, **kw)  # 1 thread (conftest): replay in the loop
+    used = []
+    real = eng.prefetched
+    monkeypatch.setattr(eng, "prefetched", lambda segs, enabled: (used.append(enabled), real(segs, enabled))[1])
+    torch.set_num_threads(2)
+    try:
+        par = explain(traj, test, **kw)  # replay in a background thread
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(1)
+    assert used == [True]
+    assert par.meta["replay_mismatch"] == 0.0
+    torch.testing.assert_close(par.values, seq.values, rtol=1e-12, atol=1e-14)
+
+
+def test_prefetched_order_errors_and_early_exit():
+    import threading
+
+    from explaind_tl.engine import prefetched
+
+    assert list(prefetched(iter(range(7)), True)) == list(range(7))
+
+    def broken():
+        yield 1
+        raise RuntimeError("replay failed")
+
+    with pytest.raises(RuntimeError, match="replay failed"):
+        list(prefetched(broken(), True))
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    for x in prefetched(endless(), True):
+        if x == 2:
+            break
+    assert not any(t.name == "explaind-replay" for t in threading.enumerate())
+    assert len(produced) <= 6  # the worker stays at most a couple of items ahead

@@ -194,3 +194,60 @@ def test_bad_id_column_and_nonempty_run_dir(tmp_path):
     _recorder(tmp_path)
     with pytest.raises(TrajectoryError, match="not empty"):
         _recorder(tmp_path)
+
+
+# ------------------------------------------------------------------------ replay exactness guards
+
+_THREADS_SEEN: list[int] = []
+
+
+def _threads_seen_loss(model, batch):
+    _THREADS_SEEN.append(torch.get_num_threads())
+    return last_token_cross_entropy(model, batch)
+
+
+def _drifting_loss(model, batch):
+    return 1.001 * last_token_cross_entropy(model, batch)
+
+
+def test_recorded_steps_are_single_threaded_by_default(tmp_path):
+    # multi-threaded CPU kernels are not bitwise reproducible, so the recorder pins its steps
+    _THREADS_SEEN.clear()
+    torch.set_num_threads(2)
+    try:
+        rec = _recorder(tmp_path, loss_fn=_threads_seen_loss)
+        rec.step(None)
+        rec.close()
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(1)
+    assert _THREADS_SEEN and set(_THREADS_SEEN) == {1}
+    assert rec.manifest["torch_num_threads"] == 1
+    with pytest.raises(RecordingError, match="num_threads"):
+        _recorder(tmp_path / "other", num_threads=0)
+
+
+def test_replay_drift_is_measured_warned_and_reported_by_explain(tmp_path):
+    import warnings
+
+    from explaind_tl import explain
+    from explaind_tl.trajectory import ReplayMismatchWarning
+
+    rec = _recorder(tmp_path, checkpoint_every=2)
+    for _ in range(4):
+        rec.step(None)
+    rec.close()
+    exact = Trajectory.load(tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(exact.segments(0, 4))
+    assert exact.replay_mismatch == {2: 0.0, 4: 0.0}
+
+    # a replay that does not reproduce the run (here: a different loss) is caught at checkpoints
+    drift = Trajectory.load(tmp_path / "run", loss_fn=_drifting_loss)
+    with pytest.warns(ReplayMismatchWarning, match="num_threads=1"):
+        attr = explain(drift, modular_addition(7), metric="correct_logit", by=("step",), progress=False)
+    assert drift.replay_mismatch[2] > 0 and drift.replay_mismatch[4] > 0
+    assert attr.meta["replay_mismatch"] == max(drift.replay_mismatch.values())
+    clean = explain(exact, modular_addition(7), metric="correct_logit", by=("step",), progress=False)
+    assert clean.meta["replay_mismatch"] == 0.0

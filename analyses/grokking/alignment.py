@@ -69,6 +69,7 @@ def query_alignment(
     step_bin: int,
     metric: str = "correct_logprob",
     components: Any = "head",
+    dtype: Any = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Per component and window: mean pairwise cosine of the queries' influence vectors.
@@ -81,6 +82,8 @@ def query_alignment(
             entries).
         metric: Query metric.
         components: Component granularity or map.
+        dtype: Working dtype (``None``: float32). Per-query rows of confidently classified
+            queries need ``torch.float64`` to meet the certificate without refining every step.
         progress: Show progress bars.
 
     Returns:
@@ -103,6 +106,7 @@ def query_alignment(
             components=components,
             steps=(a, b),
             step_bins=max(1, min(step_bin, b - a)),
+            dtype=dtype,
             progress=progress,
         )
         attrs[name] = attr

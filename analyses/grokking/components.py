@@ -53,6 +53,7 @@ def component_influence(
     step_bin: int,
     metric: str = "correct_logprob",
     components: Any = "head",
+    dtype: Any = None,
     progress: bool = True,
 ) -> Attribution:
     """``explain(by=("step", "component", "source"), reduce="mean")`` over the whole run.
@@ -63,6 +64,9 @@ def component_influence(
         step_bin: Width of the step bins.
         metric: Query metric (see :func:`explaind_tl.explain`).
         components: Component granularity or map.
+        dtype: Working dtype of the gradients (``None``: the engine's float32 default;
+            ``torch.float64`` for memorised training examples, whose log-probs saturate near 0
+            so that float32 gradients carry ~1e-4 relative rounding error).
         progress: Show the engine's progress bar.
     """
     import explaind_tl
@@ -75,6 +79,7 @@ def component_influence(
         components=components,
         reduce="mean",
         step_bins=step_bin,
+        dtype=dtype,
         progress=progress,
     )
 
