@@ -61,7 +61,11 @@ def _parser() -> argparse.ArgumentParser:
         help="training examples for the training-set influence (default: the preset's)",
     )
     g.add_argument("--max-steps", type=int, default=None, help="override the step cap")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads of the analyses (default: torch's); recorded training steps always "
+        "run single-threaded so that replay is exact",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     r = sub.add_parser("report", help="rewrite report.md and figures of an existing study directory")
     r.add_argument("out", help="study directory")

@@ -38,13 +38,19 @@ class ParamLayout:
         return sum(self.sizes)
 
     def flatten(self, d: Params, lead: int = 0, dtype: torch.dtype | None = None) -> Tensor:
-        """Concatenate ``d`` into ``[*lead_dims, P]`` (``lead`` leading batch dims)."""
-        parts = []
-        for name in self.names:
-            x = d[name]
-            x = x.reshape(*x.shape[:lead], -1)
-            parts.append(x if dtype is None else x.to(dtype))
-        return torch.cat(parts, dim=-1)
+        """Concatenate ``d`` into ``[*lead_dims, P]`` (``lead`` leading batch dims).
+
+        Writes every tensor straight into one output buffer (converting to ``dtype`` on the way),
+        so a large batch of gradients is copied once, without per-tensor temporaries.
+        """
+        first = d[self.names[0]]
+        lead_shape = first.shape[:lead]
+        out = torch.empty(*lead_shape, self.numel, dtype=dtype or first.dtype, device=first.device)
+        start = 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            out[..., start : start + size].view(*lead_shape, *shape).copy_(d[name])
+            start += size
+        return out
 
     def unflatten(self, v: Tensor) -> Params:
         """Split ``[..., P]`` back into a dict of ``[..., *shape]`` views."""
