@@ -345,7 +345,8 @@ class _Engine:
             if plan.resolve_query:
                 g = self.layout.flatten(self.qf.per_query_grad(p, sub, plan.resolve_output), lead=2, dtype=torch.float64)
                 target = (pos[:, None] * o + torch.arange(o)[None, :]).reshape(-1).to(self.device)
-                phi.index_add_(0, target, (wj.to(self.device)[:, None, None] * g).reshape(-1, g.shape[-1]))
+                g.mul_(wj.to(self.device, torch.float64)[:, None, None])  # in place: no second [rows, P] block
+                phi.index_add_(0, target, g.reshape(-1, g.shape[-1]))
             else:
                 rw = (plan.weights[rows_q] * wj).to(self.device)
                 g = self.qf.aggregate_grad(p, sub, rw, plan.resolve_output)  # [O', *]
