@@ -177,6 +177,7 @@ class _Engine:
         query_chunk: int,
         train_chunk: int,
         position: int | None = None,
+        fast_forward: bool = True,
     ) -> None:
         self.traj = trajectory
         self.plan = plan
@@ -194,7 +195,15 @@ class _Engine:
         self.names = list(trajectory.param_names)
         params0 = dict(model.named_parameters())
         self.layout = ParamLayout(tuple(self.names), tuple(params0[n].shape for n in self.names))
-        self.qf = QueryFunction(model, self.names, metric_fn, dtype=dtype, device=device)
+        self.qf = QueryFunction(
+            model, self.names, metric_fn, dtype=dtype, device=device, position=position if fast_forward else None
+        )
+        # the read-out forward is checked against TransformerLens on the queries before use
+        self.readout_error = None
+        if "tokens" in self.batch:
+            self.readout_error = self.qf.check_readout(self.batch["tokens"][:64])
+        else:
+            self.qf.readout = None
         self.kink_aware = kink_aware and self.qf.has_kinks
         self.unit_filter = self.unit_index = None
         if self.kink_aware and "tokens" in self.batch:
@@ -718,6 +727,7 @@ def explain(
     train_chunk: int = 256,
     progress: bool = True,
     resume_dir: str | Path | None = None,
+    fast_forward: bool = True,
 ):
     """Rewrite the trained model's output change exactly as a sum over steps, components, examples.
 
@@ -751,6 +761,11 @@ def explain(
             chunk of per-example gradients.
         progress: show tqdm progress bars.
         resume_dir: persist partial sums after every checkpoint segment and continue from them.
+        fast_forward: take gradients through the read-out forward (:mod:`explaind_tl.readout`:
+            only what reaches the metric's position is computed) when the model is a supported
+            HookedTransformer and the metric a built-in one; it is checked against
+            TransformerLens on the queries first. Certificates always use TransformerLens's own
+            forward. ``False``: TransformerLens's forward throughout.
 
     Returns:
         :class:`explaind_tl.Attribution` with ``values`` ``[*dims]`` (``"component"`` first when
@@ -836,7 +851,7 @@ def explain(
         query_chunk = 256 if plan.resolve_query else 4096
     engine = _Engine(
         trajectory, batch, metric_fn, plan, cmap, dtype, device, tol, nodes, max_nodes, kink, query_chunk, train_chunk,
-        position=None if callable(metric) else position,
+        position=None if callable(metric) else position, fast_forward=fast_forward,
     )
     acc = torch.zeros(n_bins, plan.n_rows, engine.n_comp, len(x_labels), dtype=torch.float64)
     resume = None
@@ -892,6 +907,8 @@ def explain(
         "nodes": nodes,
         "max_nodes": max_nodes,
         "kink_aware": engine.kink_aware,
+        "forward": "readout" if engine.qf.readout is not None else "model",
+        "readout_error": engine.readout_error,
         "kinks": int(sum(engine.kinks_seen.values())),
         "replay_mismatch": max((d for c, d in trajectory.replay_mismatch.items() if a < c <= b), default=0.0),
         "dtype": str(dtype).replace("torch.", ""),

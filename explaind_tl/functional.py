@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
+
+from .readout import Readout, readout_units, unsupported_reason
 
 Params = dict[str, Tensor]
 
@@ -88,6 +91,9 @@ class QueryFunction:
         metric: ``fn(logits, batch) -> [Q] or [Q, O]``.
         dtype: working dtype of the gradients.
         cert_dtype: dtype of the certificate forwards (float64 by default).
+        position: the position a built-in metric reads; when given and the model is a
+            supported HookedTransformer, gradients and node pre-activations use the read-out
+            forward (:mod:`explaind_tl.readout`); certificate forwards always use the model's own.
     """
 
     def __init__(
@@ -98,6 +104,7 @@ class QueryFunction:
         dtype: torch.dtype = torch.float32,
         cert_dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
+        position: int | None = None,
     ) -> None:
         self.names = list(names)
         self.metric = metric
@@ -107,28 +114,63 @@ class QueryFunction:
         self.model = self._copy(model, dtype)
         self.cert_model = self.model if cert_dtype == dtype else self._copy(model, cert_dtype)
         self.hook_names = self._relu_hook_names(self.model)
+        # gradients through the read-out forward where the model and metric allow it
+        self.readout = Readout(self.model, position) if position is not None and unsupported_reason(self.model) is None else None
 
     def _copy(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
         return frozen_copy(model, dtype, self.device)
 
     # ----------------------------------------------------------------- forward
-    def _values(self, model: nn.Module, params: Params, batch: dict[str, Tensor]) -> Tensor:
+    def _values(self, params: Params, batch: dict[str, Tensor], cert: bool = False, store: list[Tensor] | None = None) -> Tensor:
+        """Metric values ``[Q, O]``; ReLU pre-activations ``[Q, U]`` are appended to ``store``.
+
+        ``cert=True`` evaluates the certificate model (the model's own forward, ``cert_dtype``);
+        otherwise the working-dtype model, through the read-out forward when it is in use.
+        """
         batch = dict(batch)
         kmask, kval = batch.pop(KINK_MASK, None), batch.pop(KINK_ON, None)
-        ctx = self._forced_relus(model, kmask, kval) if kmask is not None else contextlib.nullcontext()
-        x = model_input(batch)
-        if x.is_floating_point():
-            x = x.to(next(iter(params.values())).dtype)
-        with ctx:
-            logits = functional_call(model, params, (x,))
+        model = self.cert_model if cert else self.model
+        if not cert and self.readout is not None:
+            force = (kmask, kval) if kmask is not None else None
+            logits, z = self.readout.logits(params, model_input(batch), force, preacts=store is not None)
+            if store is not None:
+                store.append(z)
+        else:
+            x = model_input(batch)
+            if x.is_floating_point():
+                x = x.to(next(iter(params.values())).dtype)
+            forced = self._forced_relus(model, kmask, kval) if kmask is not None else contextlib.nullcontext()
+            captured = self._capture(model, store) if store is not None else contextlib.nullcontext()
+            with forced, captured:
+                logits = functional_call(model, params, (x,))
+            if store is not None:
+                store[:] = [torch.cat(store, dim=1)]
         v = self.metric(logits, batch)
         return v if v.ndim == 2 else v.unsqueeze(-1)
 
+    def check_readout(self, tokens: Tensor, tol: float = 1e-9) -> float | None:
+        """Check the read-out forward against the model's own (float64) on ``tokens``.
+
+        Switches the read-out forward off, with a warning, when they differ by more than ``tol``
+        (relative). Returns the measured difference (``None`` when no read-out forward is used).
+        """
+        if self.readout is None:
+            return None
+        ref = self.cert_model if self.cert_dtype == torch.float64 else frozen_copy(self.model, torch.float64, self.device)
+        err = self.readout.check(ref, tokens)
+        if not err <= tol:
+            warnings.warn(
+                f"read-out forward differs from TransformerLens by {err:.1e} (relative) on this model; "
+                "using TransformerLens's forward for the gradients instead",
+                stacklevel=3,
+            )
+            self.readout = None
+        return err
+
     def values(self, params: Params, batch: dict[str, Tensor], cert: bool = True) -> Float[Tensor, "query output"]:
         """Metric values ``[Q, O]`` (``O = 1`` for a scalar metric), no gradient."""
-        model = self.cert_model if cert else self.model
         with torch.no_grad():
-            return self._values(model, params, batch)
+            return self._values(params, batch, cert)
 
     # ------------------------------------------------------------------ kinks
     @staticmethod
@@ -221,19 +263,9 @@ class QueryFunction:
         """
         if position is None or not _is_hooked_transformer(self.model) or not self.hook_names:
             return None
-        cfg = self.model.cfg
-        if getattr(cfg, "attention_dir", "causal") != "causal":
+        if getattr(self.model.cfg, "attention_dir", "causal") != "causal":
             return None
-        pos = position % n_pos
-        keep = []
-        for layer in range(cfg.n_layers):
-            m = torch.zeros(n_pos, cfg.d_mlp, dtype=torch.bool)
-            if layer == cfg.n_layers - 1:
-                m[pos] = True
-            else:
-                m[: pos + 1] = True
-            keep.append(m.reshape(-1))
-        return torch.cat(keep)
+        return readout_units(self.model.cfg, n_pos, position)
 
     def values_and_preacts(
         self, params: Params, batch: dict[str, Tensor], cert: bool = True
@@ -241,11 +273,10 @@ class QueryFunction:
         """Metric values and the ReLU pre-activations (flattened per query)."""
         if not self.has_kinks:
             return self.values(params, batch, cert), None
-        model = self.cert_model if cert else self.model
         store: list[Tensor] = []
-        with torch.no_grad(), self._capture(model, store):
-            v = self._values(model, params, batch)
-        return v, torch.cat(store, dim=1)
+        with torch.no_grad():
+            v = self._values(params, batch, cert, store)
+        return v, store[0]
 
     # --------------------------------------------------------------- gradients
     def aggregate_grad(
@@ -263,17 +294,19 @@ class QueryFunction:
         w = weights.to(self.dtype)
 
         def f(p: Params) -> Tensor:
-            v = self._values(self.model, p, batch)  # [Q, O]
+            v = self._values(p, batch)  # [Q, O]
             out = (v * w[:, None]).sum(0)
             return out if resolve_outputs else out.sum().reshape(1)
 
-        return jacrev(f)(params)
+        if resolve_outputs:
+            return jacrev(f)(params)
+        return {k: g.unsqueeze(0) for k, g in grad(lambda p: f(p)[0])(params).items()}  # no vmap for one row
 
     def per_query_grad(self, params: Params, batch: dict[str, Tensor], resolve_outputs: bool) -> dict[str, Tensor]:
         """Per-query gradients ``[Q, R, *shape]`` (``vmap`` over queries)."""
 
         def f(p: Params, example: dict[str, Tensor]) -> Tensor:
-            v = self._values(self.model, p, _unsqueeze(example))[0]
+            v = self._values(p, _unsqueeze(example))[0]
             return v if resolve_outputs else v.sum().reshape(1)
 
         return vmap(jacrev(f), in_dims=(None, 0))(params, batch)

@@ -1,0 +1,178 @@
+"""The read-out forward against TransformerLens's own forward, in float64.
+
+TransformerLens is the oracle: logits at the read-out position, gradients of a metric, ReLU
+pre-activations and forced ReLU states (via TransformerLens hooks) must agree to rounding.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.func import grad
+
+from explaind_tl import Trajectory, TrajectoryRecorder, explain
+from explaind_tl.functional import KINK_MASK, KINK_ON, QueryFunction
+from explaind_tl.metrics import resolve_metric
+from explaind_tl.readout import Readout, readout_units, unsupported_reason
+
+from conftest import modular_addition, tiny_model
+
+CONFIGS = {
+    "1L_relu": dict(),
+    "2L_gelu_LN": dict(n_layers=2, act_fn="gelu", normalization_type="LN"),
+    "2L_relu_LNPre": dict(n_layers=2, normalization_type="LNPre", n_ctx=4),
+    "attn_only_2L": dict(n_layers=2, attn_only=True),
+    "gelu_new_no_scale": dict(act_fn="gelu_new", use_attn_scale=False),
+}
+
+
+def randomised(overrides: dict, seed: int = 0):
+    """A float64 tiny model whose every parameter (biases and LayerNorm too) is random."""
+    model = tiny_model(**overrides).double()
+    model.cfg.dtype = torch.float64  # TransformerLens's LayerNorm casts to cfg.dtype
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return model
+
+
+def tokens_for(model, n: int = 9, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cfg.d_vocab, (n, model.cfg.n_ctx), generator=g)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("position", [-1, 1])
+def test_logits_and_gradients_match_transformer_lens(name, position):
+    model = randomised(CONFIGS[name])
+    assert unsupported_reason(model) is None
+    tok = tokens_for(model)
+    label = torch.arange(len(tok)) % model.cfg.d_vocab_out
+    batch = {"tokens": tok, "label": label}
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ro = Readout(model, position)
+    ours, _ = ro.logits(params, tok)
+    with torch.no_grad():
+        ref = model(tok)[:, position]
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+    metric, _ = resolve_metric("correct_logprob", position)
+    fast = QueryFunction(model, list(params), metric, dtype=torch.float64, position=position)
+    slow = QueryFunction(model, list(params), metric, dtype=torch.float64)
+    assert fast.readout is not None and slow.readout is None
+    w = torch.linspace(0.5, 1.5, len(tok), dtype=torch.float64)
+    g_fast = fast.aggregate_grad(params, batch, w, False)
+    g_slow = slow.aggregate_grad(params, batch, w, False)
+    for k in params:
+        torch.testing.assert_close(g_fast[k], g_slow[k], rtol=1e-10, atol=1e-12)
+    pq_fast = fast.per_query_grad(params, batch, False)
+    pq_slow = slow.per_query_grad(params, batch, False)
+    for k in params:
+        torch.testing.assert_close(pq_fast[k], pq_slow[k], rtol=1e-10, atol=1e-12)
+    # an independent gradient: plain autograd through TransformerLens
+    m = randomised(CONFIGS[name])
+    lp = torch.log_softmax(m(tok)[:, position], -1).gather(1, label[:, None])[:, 0]
+    (lp * w).sum().backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(g_fast[k][0], p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("position", [-1, 1])
+def test_preacts_and_forced_relus_match_hooks(position):
+    model = randomised(dict(n_layers=2, n_ctx=4))
+    tok = tokens_for(model, n=6)
+    batch = {"tokens": tok, "label": torch.arange(6) % model.cfg.d_vocab_out}
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    metric, _ = resolve_metric("correct_logit", position)
+    fast = QueryFunction(model, list(params), metric, dtype=torch.float64, position=position)
+    slow = QueryFunction(model, list(params), metric, dtype=torch.float64)
+    _, z_fast = fast.values_and_preacts(params, batch, cert=False)
+    _, z_slow = slow.values_and_preacts(params, batch, cert=False)
+    keep = readout_units(model.cfg, tok.shape[1], position)
+    assert z_fast.shape == z_slow.shape
+    assert 0 < int(keep.sum()) < keep.numel()
+    torch.testing.assert_close(z_fast[:, keep], z_slow[:, keep], rtol=1e-12, atol=1e-12)
+    assert bool((z_fast[:, ~keep] == 0).all())
+    # force a random set of relevant units on or off (against their natural state too)
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.rand(z_fast.shape, generator=g) < 0.3) & keep
+    on = torch.rand(z_fast.shape, generator=g) < 0.5
+    forced = {**batch, KINK_MASK: mask, KINK_ON: on}
+    w = torch.ones(6, dtype=torch.float64)
+    g_fast = fast.aggregate_grad(params, forced, w, False)
+    g_slow = slow.aggregate_grad(params, forced, w, False)
+    g_free = slow.aggregate_grad(params, batch, w, False)
+    assert max(float((g_slow[k] - g_free[k]).abs().max()) for k in params) > 1e-3  # forcing matters
+    for k in params:
+        torch.testing.assert_close(g_fast[k], g_slow[k], rtol=1e-10, atol=1e-12)
+
+
+def test_unsupported_models_fall_back():
+    assert "positional_embedding_type" in unsupported_reason(tiny_model(positional_embedding_type="rotary", rotary_dim=4))
+    assert unsupported_reason(tiny_model(gated_mlp=True)) is not None
+    assert unsupported_reason(torch.nn.Linear(2, 2)) == "not a HookedTransformer"
+    with pytest.raises(ValueError, match="does not support"):
+        Readout(tiny_model(act_fn="solu_ln"), -1)
+    metric, _ = resolve_metric("correct_logit", -1)
+    qf = QueryFunction(tiny_model(gated_mlp=True), [], metric, position=-1)
+    assert qf.readout is None
+
+
+@pytest.fixture
+def relu_run(tmp_path):
+    data = modular_addition(7)
+    train = {k: v[:30] for k, v in data.items()}
+    test = {k: v[30:40] for k, v in data.items()}
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+    from explaind_tl.losses import last_token_cross_entropy
+
+    with TrajectoryRecorder(model, opt, tmp_path / "run", train, last_token_cross_entropy, checkpoint_every=4) as rec:
+        for _ in range(6):
+            rec.step(None)
+    return Trajectory.load(tmp_path / "run"), test
+
+
+def test_explain_same_with_and_without_readout(relu_run):
+    traj, test = relu_run
+    kw = dict(by=("step", "component", "query"), components="head", progress=False, dtype=torch.float64, tol=1e-10)
+    fast = explain(traj, test, **kw)
+    slow = explain(traj, test, fast_forward=False, **kw)
+    assert fast.meta["forward"] == "readout" and slow.meta["forward"] == "model"
+    assert fast.meta["readout_error"] < 1e-12
+    assert fast.meta["kinks"] > 0
+    torch.testing.assert_close(fast.values, slow.values, rtol=1e-9, atol=1e-12)
+    assert fast.completeness.summary()["total_rel"] < 1e-10
+
+
+def test_mismatching_readout_is_detected_and_switched_off(relu_run, monkeypatch):
+    traj, test = relu_run
+    real = Readout.__init__
+
+    def broken(self, model, position):
+        real(self, model, position)
+        self.attn_scale = [s * 1.5 for s in self.attn_scale]
+
+    monkeypatch.setattr(Readout, "__init__", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attr = explain(traj, test, by=("step",), progress=False, dtype=torch.float64, tol=1e-10)
+    assert any("read-out forward differs" in str(w.message) for w in caught)
+    assert attr.meta["forward"] == "model" and attr.meta["readout_error"] > 1e-6
+    assert attr.completeness.summary()["total_rel"] < 1e-10
+
+
+def test_readout_check_uses_grad_free_reference():
+    model = randomised({})
+    ro = Readout(model, -1)
+    assert ro.check(model, tokens_for(model)) < 1e-12
+    # the metric's gradient through the read-out forward is finite and nonzero
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tok = tokens_for(model)
+    gr = grad(lambda p: ro.logits(p, tok)[0].sum())(params)
+    assert all(bool(torch.isfinite(v).all()) for v in gr.values())
+    assert float(gr["unembed.W_U"].abs().sum()) > 0
