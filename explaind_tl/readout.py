@@ -209,8 +209,8 @@ class Readout:
                 hooks = []
                 if self.relu:
                     hooks = [
-                        (f"blocks.{l}.mlp.hook_pre", lambda act, hook: store.append(act.reshape(act.shape[0], -1)))
-                        for l in range(self.cfg.n_layers)
+                        (f"blocks.{layer}.mlp.hook_pre", lambda act, hook: store.append(act.reshape(act.shape[0], -1)))
+                        for layer in range(self.cfg.n_layers)
                     ]
                 with reference.hooks(fwd_hooks=hooks):
                     ref = reference(tokens.to(ours.device))[:, self.position % tokens.shape[1]]

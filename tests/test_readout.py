@@ -10,14 +10,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import modular_addition, tiny_model
 from torch.func import grad
 
 from explaind_tl import Trajectory, TrajectoryRecorder, explain
 from explaind_tl.functional import KINK_MASK, KINK_ON, QueryFunction
 from explaind_tl.metrics import resolve_metric
 from explaind_tl.readout import Readout, readout_units, unsupported_reason
-
-from conftest import modular_addition, tiny_model
 
 CONFIGS = {
     "1L_relu": dict(),
