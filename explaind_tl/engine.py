@@ -57,6 +57,8 @@ from .recorder import torch_threads
 AXES = ("step", "component", "source", "query", "output", "train")
 SOURCES = ("data", "history", "weight_decay", "regularization", "update_residual")
 PSEUDO = ("history", "weight_decay", "regularization", "update_residual")
+# train_grads -> the most tangents (rows x components) for which the train axis uses jvp
+TRAIN_GRADS = {"auto": 12, "jvp": 2**62, "per_example": 0}
 # adaptive refinement also stops once doubling the nodes changes every failing row's attributed
 # total by less than this fraction of its residual (the quadrature has converged; the rest is
 # rounding in the working dtype)
@@ -178,6 +180,7 @@ class _Engine:
         train_chunk: int,
         position: int | None = None,
         fast_forward: bool = True,
+        jvp_tangents: int = 12,
     ) -> None:
         self.traj = trajectory
         self.plan = plan
@@ -190,6 +193,9 @@ class _Engine:
         self.prefetch = torch.get_num_threads() > 1
         self.query_chunk = query_chunk
         self.train_chunk = train_chunk
+        # data entries by forward-mode derivatives when rows x components <= jvp_tangents
+        self.jvp_tangents = jvp_tangents
+        self.jvp_chunk = max(train_chunk, 2048)  # no per-example gradient block: larger chunks
         self.batch = {k: v.to(device) for k, v in batch.items()}
         model = trajectory.model()
         self.names = list(trajectory.param_names)
@@ -279,7 +285,8 @@ class _Engine:
             sub = _take(self.batch, idx)
             if self.kink_aware:
                 v, z = self.qf.values_and_preacts(p, sub)
-                pre.append(z.cpu())
+                # only the units that can reach the metric are ever inspected for kinks
+                pre.append((z[:, self.unit_filter.to(z.device)] if self.unit_filter is not None else z).cpu())
             else:
                 v = self.qf.values(p, sub)
             vals.append(v)
@@ -294,9 +301,7 @@ class _Engine:
         switch twice inside the segment).
         """
         idx = idx.cpu()
-        a, b = z0[idx], z1[idx]
-        if self.unit_filter is not None:
-            a, b = a[:, self.unit_filter], b[:, self.unit_filter]
+        a, b = (z0, z1) if len(idx) == len(z0) else (z0[idx], z1[idx])  # relevant units only (endpoint)
         cand = torch.arange(len(idx)) if scan_all else torch.nonzero(((a * b) < 0).any(1)).reshape(-1)
         empty = torch.zeros(0, dtype=torch.long)
         if len(cand) == 0:
@@ -330,7 +335,7 @@ class _Engine:
         if ends is not None:
             q, u, ts, on = self._kinks(w, delta, idx, t_nodes, *ends, scan_all=n > self.nodes)
             if len(q):
-                self.n_units = ends[0].shape[1]
+                self.n_units = len(self.unit_filter) if self.unit_filter is not None else ends[0].shape[1]
                 kp = kink_pieces(t_nodes, q, u, ts, on)
                 smooth = idx_cpu[~torch.isin(idx_cpu, kp.query)]
                 rows_q = torch.cat([smooth, kp.query])
@@ -554,20 +559,8 @@ class _Engine:
                 ids = rec.batch_ids.to(torch.long)
                 scale = rec.clip_factor / len(ids)
                 gsum = torch.zeros(self.layout.numel, dtype=torch.float64, device=self.device)
-                w_work = self.to_work(rec.params)
-                lossf = self.loss_function()
-                for start in range(0, len(ids), self.train_chunk):
-                    cid = ids[start : start + self.train_chunk]
-                    tb = {kk: v.to(self.device) for kk, v in self.traj.batch(cid).items()}
-                    grads = self.layout.flatten(lossf.per_example_grad(w_work, tb), lead=1, dtype=torch.float64)
-                    gsum += grads.sum(0)
-                    if perm is None:
-                        contrib = (G @ grads.T)[:, None, :]  # [R, 1, b]
-                    else:
-                        Gs, gs = G[:, perm], grads[:, perm]
-                        contrib = torch.stack(
-                            [gb_ @ Gb_.T for Gb_, gb_ in zip(torch.split(Gs, blocks, 1), torch.split(gs, blocks, 1))], 1
-                        ).permute(2, 1, 0)  # [b, C, R] -> [R, C, b]
+                for cid, contrib, g in self.data_entries(G, ids, self.to_work(rec.params), perm, blocks):
+                    gsum += g
                     acc[k].index_add_(2, cid.cpu(), scale * contrib.cpu())
                 gt = scale * gsum + co.coupled_wd * w64
                 # pseudo-examples
@@ -597,6 +590,46 @@ class _Engine:
             if resume is not None:
                 resume.save({"done_before": done_before, "acc": acc, "A": A.cpu(), **self._snapshot()})
         bar.close()
+
+    def data_entries(
+        self, G: Float[Tensor, "row param"], ids: Tensor, w_work: Params, perm: Tensor | None, blocks: list[int] | None
+    ) -> Iterator[tuple[Tensor, Float[Tensor, "row component chunk"], Float[Tensor, "param"]]]:
+        """``<G_r|_c, ∇ℓ(x_i; w_s)>`` for the training examples ``ids``, chunk by chunk.
+
+        Yields ``(chunk ids, entries [R, C, b], Σ_i ∇ℓ(x_i) over the chunk)``. With few
+        tangents (rows x components, at most ``self.jvp_tangents``) the entries are forward-mode
+        directional derivatives of the per-example losses and the gradient sum one reverse pass,
+        so no ``b x P`` per-example gradients are formed; otherwise per-example gradients are
+        materialised and contracted.
+        """
+        lossf = self.loss_function()
+        R, C = G.shape[0], self.n_comp if perm is not None else 1
+        if R * C <= self.jvp_tangents:
+            if perm is None:
+                tangents = G
+            else:
+                onehot = torch.zeros(C, G.shape[1], dtype=G.dtype, device=G.device)
+                onehot[self.flat_index, torch.arange(G.shape[1], device=G.device)] = 1.0
+                tangents = (G[:, None, :] * onehot[None]).reshape(R * C, -1)
+            tangents = self.layout.unflatten(tangents.to(self.dtype))
+            for start in range(0, len(ids), self.jvp_chunk):
+                cid = ids[start : start + self.jvp_chunk]
+                tb = {kk: v.to(self.device) for kk, v in self.traj.batch(cid).items()}
+                dots = lossf.per_example_dots(w_work, tb, tangents).to(torch.float64)  # [R*C, b]
+                yield cid, dots.reshape(R, C, -1), self.layout.flatten(lossf.sum_grad(w_work, tb), dtype=torch.float64)
+            return
+        for start in range(0, len(ids), self.train_chunk):
+            cid = ids[start : start + self.train_chunk]
+            tb = {kk: v.to(self.device) for kk, v in self.traj.batch(cid).items()}
+            grads = self.layout.flatten(lossf.per_example_grad(w_work, tb), lead=1, dtype=torch.float64)
+            if perm is None:
+                contrib = (G @ grads.T)[:, None, :]  # [R, 1, b]
+            else:
+                Gs, gs = G[:, perm], grads[:, perm]
+                contrib = torch.stack(
+                    [gb_ @ Gb_.T for Gb_, gb_ in zip(torch.split(Gs, blocks, 1), torch.split(gs, blocks, 1))], 1
+                ).permute(2, 1, 0)  # [b, C, R] -> [R, C, b]
+            yield cid, contrib, grads.sum(0)
 
     # ------------------------------------------------------------- bookkeeping
     def _snapshot(self) -> dict:
@@ -728,6 +761,7 @@ def explain(
     progress: bool = True,
     resume_dir: str | Path | None = None,
     fast_forward: bool = True,
+    train_grads: str = "auto",
 ):
     """Rewrite the trained model's output change exactly as a sum over steps, components, examples.
 
@@ -766,6 +800,10 @@ def explain(
             HookedTransformer and the metric a built-in one; it is checked against
             TransformerLens on the queries first. Certificates always use TransformerLens's own
             forward. ``False``: TransformerLens's forward throughout.
+        train_grads: how the train axis gets ``<Ã_s, ∇ℓ(x_i; w_s)>``: ``"jvp"`` (forward-mode
+            derivatives of the per-example losses, one pass per row and component, no
+            per-example gradients), ``"per_example"`` (``vmap`` per-example gradients,
+            contracted), or ``"auto"``: ``"jvp"`` when rows x components <= 12.
 
     Returns:
         :class:`explaind_tl.Attribution` with ``values`` ``[*dims]`` (``"component"`` first when
@@ -785,6 +823,8 @@ def explain(
         raise ValueError(f"repeated axes in by={by}")
     if "train" in by and "source" in by:
         raise ValueError("by='train' already carries the source split (pseudo-entries); drop 'source'")
+    if train_grads not in TRAIN_GRADS:
+        raise ValueError(f"train_grads must be one of {tuple(TRAIN_GRADS)}, got {train_grads!r}")
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
     if nodes < 1 or max_nodes < nodes:
@@ -851,7 +891,7 @@ def explain(
         query_chunk = 256 if plan.resolve_query else 4096
     engine = _Engine(
         trajectory, batch, metric_fn, plan, cmap, dtype, device, tol, nodes, max_nodes, kink, query_chunk, train_chunk,
-        position=None if callable(metric) else position, fast_forward=fast_forward,
+        position=None if callable(metric) else position, fast_forward=fast_forward, jvp_tangents=TRAIN_GRADS[train_grads],
     )
     acc = torch.zeros(n_bins, plan.n_rows, engine.n_comp, len(x_labels), dtype=torch.float64)
     resume = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from .readout import Readout, readout_units, unsupported_reason
 
@@ -331,24 +331,52 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype, device: torch.device | str
 
 
 class LossFunction:
-    """Per-example training-loss gradients for the data axis (``loss_fn(model, batch) -> [B]``)."""
+    """Training-loss gradients for the data axis (``loss_fn(model, batch) -> [B]``).
+
+    Two ways to the data entries ``<G, ∇ℓ(x_i; w)>``: materialised per-example gradients
+    (:meth:`per_example_grad`, ``[B, P]``, then a contraction), or forward-mode directional
+    derivatives of the per-example losses along each tangent ``G`` (:meth:`per_example_dots`,
+    ``[T, B]``, no ``B x P`` block at all), which is far cheaper when there are few tangents.
+    """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, dtype: torch.dtype, device) -> None:
         self.model = frozen_copy(model, dtype, device)
         self.loss_fn = loss_fn
         self.dtype = dtype
+        self.wrapper = _LossModule(self.model, loss_fn)
+
+    def _prepare(self, params: Params, batch: dict[str, Tensor]) -> tuple[Params, dict[str, Tensor]]:
+        prefixed = {"model." + k: v for k, v in params.items()}
+        return prefixed, {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
 
     def per_example_grad(self, params: Params, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """``∇ℓ(x_i; w)`` for each row of ``batch``: dict of ``[B, *shape]``."""
-        wrapper = _LossModule(self.model, self.loss_fn)
-        prefixed = {"model." + k: v for k, v in params.items()}
-
-        batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        prefixed, batch = self._prepare(params, batch)
 
         def f(p: Params, example: dict[str, Tensor]) -> Tensor:
-            return functional_call(wrapper, p, (_unsqueeze(example),))[0]
+            return functional_call(self.wrapper, p, (_unsqueeze(example),))[0]
 
         g = vmap(grad(f), in_dims=(None, 0))(prefixed, batch)
+        return {k[len("model.") :]: v for k, v in g.items()}
+
+    def per_example_dots(self, params: Params, batch: dict[str, Tensor], tangents: Params) -> Float[Tensor, "tangent batch"]:
+        """``<t, ∇ℓ(x_i; w)>`` for every tangent ``t`` (dict of ``[T, *shape]``) and row ``i``.
+
+        One forward-mode pass over the batch per tangent (``vmap`` over tangents); the
+        per-example losses must not depend on each other (the ``loss_fn`` contract).
+        """
+        prefixed, batch = self._prepare(params, batch)
+        tan = {"model." + k: v.to(self.dtype) for k, v in tangents.items()}
+
+        def losses(p: Params) -> Tensor:
+            return functional_call(self.wrapper, p, (batch,))
+
+        return vmap(lambda t: jvp(losses, (prefixed,), (t,))[1])(tan)
+
+    def sum_grad(self, params: Params, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``Σ_i ∇ℓ(x_i; w)`` over the rows of ``batch`` (one reverse pass)."""
+        prefixed, batch = self._prepare(params, batch)
+        g = grad(lambda p: functional_call(self.wrapper, p, (batch,)).sum())(prefixed)
         return {k[len("model.") :]: v for k, v in g.items()}
 
 

@@ -157,13 +157,15 @@ def oracle(model, live, train, queries, traj, opt_name, nodes=12, metric="sum_lo
     return contrib, reg_total, wd_total
 
 
+@pytest.mark.parametrize("train_grads", ["jvp", "per_example"])
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_train_axis_matches_bruteforce_oracle(tmp_path, opt_name):
+def test_train_axis_matches_bruteforce_oracle(tmp_path, opt_name, train_grads):
     train, test = modular_data()
     model = tiny_transformer("gelu")
     model0 = copy.deepcopy(model)
     traj, live, _ = record(tmp_path, model, opt_name, train)
-    attr = explain(traj, test, metric="correct_logprob", by=("train",), dtype=torch.float64, tol=1e-12, progress=False)
+    attr = explain(traj, test, metric="correct_logprob", by=("train",), dtype=torch.float64, tol=1e-12, progress=False,
+                   train_grads=train_grads)
     assert attr.dims == ("train",)
     contrib, reg_total, wd_total = oracle(model0, live, train, test, traj, opt_name)
     n = len(train["label"])
@@ -379,6 +381,22 @@ def test_train_axis_by_component_matches_realized(gelu_run):
     torch.testing.assert_close(tc.values.sum(0), t.values, rtol=0, atol=1e-12 * scale)
     # per component, the seen clock (adjoint) and the realized clock agree
     torch.testing.assert_close(tc.values.sum(1), c.values, rtol=0, atol=1e-10 * scale)
+
+
+def test_train_axis_jvp_equals_per_example_gradients(gelu_run):
+    """Forward-mode data entries (one pass per row x component) = contracted per-example gradients."""
+    traj, test = gelu_run
+    kw = dict(by=("component", "query", "train"), components="head", dtype=torch.float64, tol=1e-12, progress=False)
+    fwd = explain(traj, test, train_grads="jvp", **kw)
+    per = explain(traj, test, train_grads="per_example", **kw)
+    scale = float(per.values.abs().max())
+    assert scale > 1e-8
+    torch.testing.assert_close(fwd.values, per.values, rtol=0, atol=1e-12 * scale)
+    for attr in (fwd, per):
+        c = attr.completeness
+        assert abs(float(c.measured.sum() - c.attributed.sum())) <= 1e-10 * float(c.measured.abs().sum())
+    with pytest.raises(ValueError, match="train_grads"):
+        explain(traj, test, by=("train",), train_grads="fast", progress=False)
 
 
 def test_question_helpers(gelu_run):
