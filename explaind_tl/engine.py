@@ -195,7 +195,7 @@ class _Engine:
         self.train_chunk = train_chunk
         # data entries by forward-mode derivatives when rows x components <= jvp_tangents
         self.jvp_tangents = jvp_tangents
-        self.jvp_chunk = max(train_chunk, 2048)  # no per-example gradient block: larger chunks
+        self.jvp_chunk = train_chunk  # activations of a chunk are what the jvp holds: memory flat in N_train
         self.batch = {k: v.to(device) for k, v in batch.items()}
         model = trajectory.model()
         self.names = list(trajectory.param_names)
@@ -206,6 +206,7 @@ class _Engine:
         )
         # the read-out forward is checked against TransformerLens on the queries before use
         self.readout_error = None
+        self.checkpoints = set(trajectory.checkpoint_steps)
         if "tokens" in self.batch:
             self.readout_error = self.qf.check_readout(self.batch["tokens"][:64])
         else:
@@ -276,6 +277,13 @@ class _Engine:
         out = self._endpoint(params)
         if step is not None and step in self.plan.window:
             self.ends[step] = out[0]
+        if step is not None and (step in self.plan.window or step in self.checkpoints) and self.qf.readout is not None:
+            # the read-out forward measures the certificate: compare it with TransformerLens on
+            # every query at the window's ends and at every checkpoint inside it
+            p = self.to_cert(params)
+            for idx in self.chunks():
+                err = self.qf.check_readout(self.batch["tokens"][idx], p, strict=True)
+                self.readout_error = max(self.readout_error or 0.0, err)
         return out
 
     def _endpoint(self, params: Params) -> tuple[Tensor, Tensor | None]:
@@ -558,30 +566,33 @@ class _Engine:
                 # training examples seen at step s
                 ids = rec.batch_ids.to(torch.long)
                 scale = rec.clip_factor / len(ids)
-                gsum = torch.zeros(self.layout.numel, dtype=torch.float64, device=self.device)
-                for cid, contrib, g in self.data_entries(G, ids, self.to_work(rec.params), perm, blocks):
-                    gsum += g
-                    acc[k].index_add_(2, cid.cpu(), scale * contrib.cpu())
-                gt = scale * gsum + co.coupled_wd * w64
+                data_sum = torch.zeros(plan.n_rows, self.n_comp, dtype=torch.float64)
+                for cid, contrib in self.data_entries(G, ids, self.to_work(rec.params), perm, blocks):
+                    contrib = scale * contrib.cpu()
+                    acc[k].index_add_(2, cid.cpu(), contrib)
+                    data_sum += contrib.sum(-1)
                 # pseudo-examples
+                reg = torch.zeros_like(data_sum)
                 if co.coupled_wd:
-                    acc[k, :, :, col["regularization"]] += self.reduce(G * (co.coupled_wd * w64)[None, :]).cpu()
+                    reg = self.reduce(G * (co.coupled_wd * w64)[None, :]).cpu()
+                    acc[k, :, :, col["regularization"]] += reg
                 if co.decoupled_wd:
                     acc[k, :, :, col["weight_decay"]] += self.reduce(phi * (-co.decoupled_wd * w64)[None, :]).cpu()
-                # update residual: Δ_s = -λ' w_s + P ⊙ b_{s+1} + e ⊙ gt_s + ρ_s and
-                # b_{s+1} = β b_s + c gt_s + ε_s, both measured locally at step s
+                # update residual: with the reconstruction Δ_s = -λ' w_s + P ⊙ b_{s+1} + e ⊙ gt_s + ρ_s,
+                # b_{s+1} = β b_s + c gt_s + ε_s, its entry <A, ε_s> + <φ, ρ_s> is
+                # X - <G, gt_s>, X = <A, b_{s+1} - β b_s> + <φ, Δ_s + λ' w_s - P ⊙ b_{s+1}>, and
+                # <G, gt_s> is what the data and regularization entries of step s add up to. So the
+                # entry also carries their rounding (float32 gradients of saturated losses) and every
+                # step's entries add up to exactly what its φ and Δ say.
                 delta = self.flat64(rec.next_params) - w64
+                kept = delta + co.decoupled_wd * w64
                 if co.has_buffer:
                     b_next = self.buffer(rec.state_after)
                     b_prev = self.buffer(rec.state_before)
-                    c_eff = co.c
-                    eps_s = b_next - co.beta * b_prev - c_eff * gt
-                    rho = delta + co.decoupled_wd * w64 - P * b_next - (e * gt if e is not None else 0.0)
-                    resid = self.reduce(A * eps_s[None, :] + phi * rho[None, :])
-                else:
-                    rho = delta + co.decoupled_wd * w64 - P * gt
-                    resid = self.reduce(phi * rho[None, :])
-                acc[k, :, :, col["update_residual"]] += resid.cpu()
+                    X = self.reduce(A * (b_next - co.beta * b_prev)[None, :] + phi * (kept - P * b_next)[None, :])
+                else:  # plain SGD: A = P ⊙ φ = G
+                    X = self.reduce(phi * kept[None, :])
+                acc[k, :, :, col["update_residual"]] += X.cpu() - data_sum - reg
                 if s == a and co.has_buffer:
                     b_a = self.buffer(rec.state_before)
                     acc[k, :, :, col["history"]] += self.reduce(co.beta * A * b_a[None, :]).cpu()
@@ -593,14 +604,13 @@ class _Engine:
 
     def data_entries(
         self, G: Float[Tensor, "row param"], ids: Tensor, w_work: Params, perm: Tensor | None, blocks: list[int] | None
-    ) -> Iterator[tuple[Tensor, Float[Tensor, "row component chunk"], Float[Tensor, "param"]]]:
+    ) -> Iterator[tuple[Tensor, Float[Tensor, "row component chunk"]]]:
         """``<G_r|_c, ∇ℓ(x_i; w_s)>`` for the training examples ``ids``, chunk by chunk.
 
-        Yields ``(chunk ids, entries [R, C, b], Σ_i ∇ℓ(x_i) over the chunk)``. With few
-        tangents (rows x components, at most ``self.jvp_tangents``) the entries are forward-mode
-        directional derivatives of the per-example losses and the gradient sum one reverse pass,
-        so no ``b x P`` per-example gradients are formed; otherwise per-example gradients are
-        materialised and contracted.
+        Yields ``(chunk ids, entries [R, C, b])``. With few tangents (rows x components, at most
+        ``self.jvp_tangents``) the entries are forward-mode directional derivatives of the
+        per-example losses, so no ``b x P`` per-example gradients are formed; otherwise
+        per-example gradients are materialised and contracted.
         """
         lossf = self.loss_function()
         R, C = G.shape[0], self.n_comp if perm is not None else 1
@@ -616,7 +626,7 @@ class _Engine:
                 cid = ids[start : start + self.jvp_chunk]
                 tb = {kk: v.to(self.device) for kk, v in self.traj.batch(cid).items()}
                 dots = lossf.per_example_dots(w_work, tb, tangents).to(torch.float64)  # [R*C, b]
-                yield cid, dots.reshape(R, C, -1), self.layout.flatten(lossf.sum_grad(w_work, tb), dtype=torch.float64)
+                yield cid, dots.reshape(R, C, -1)
             return
         for start in range(0, len(ids), self.train_chunk):
             cid = ids[start : start + self.train_chunk]
@@ -629,7 +639,7 @@ class _Engine:
                 contrib = torch.stack(
                     [gb_ @ Gb_.T for Gb_, gb_ in zip(torch.split(Gs, blocks, 1), torch.split(gs, blocks, 1))], 1
                 ).permute(2, 1, 0)  # [b, C, R] -> [R, C, b]
-            yield cid, contrib, grads.sum(0)
+            yield cid, contrib
 
     # ------------------------------------------------------------- bookkeeping
     def _snapshot(self) -> dict:
@@ -795,11 +805,14 @@ def explain(
             chunk of per-example gradients.
         progress: show tqdm progress bars.
         resume_dir: persist partial sums after every checkpoint segment and continue from them.
-        fast_forward: take gradients through the read-out forward (:mod:`explaind_tl.readout`:
-            only what reaches the metric's position is computed) when the model is a supported
-            HookedTransformer and the metric a built-in one; it is checked against
-            TransformerLens on the queries first. Certificates always use TransformerLens's own
-            forward. ``False``: TransformerLens's forward throughout.
+        fast_forward: evaluate the model with the read-out forward (:mod:`explaind_tl.readout`:
+            only what reaches the metric's position is computed) when it is a supported
+            HookedTransformer and the metric a built-in one, for gradients and certificate alike.
+            It is compared with TransformerLens's own forward in float64 on the queries before
+            use (switched off, with a warning, if they differ) and at the window's ends and every
+            checkpoint inside it (``RuntimeError`` if they differ);
+            ``meta["readout_error"]`` is the largest relative difference seen. ``False``:
+            TransformerLens's forward throughout.
         train_grads: how the train axis gets ``<Ã_s, ∇ℓ(x_i; w_s)>``: ``"jvp"`` (forward-mode
             derivatives of the per-example losses, one pass per row and component, no
             per-example gradients), ``"per_example"`` (``vmap`` per-example gradients,

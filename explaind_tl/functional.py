@@ -92,8 +92,8 @@ class QueryFunction:
         dtype: working dtype of the gradients.
         cert_dtype: dtype of the certificate forwards (float64 by default).
         position: the position a built-in metric reads; when given and the model is a
-            supported HookedTransformer, gradients and node pre-activations use the read-out
-            forward (:mod:`explaind_tl.readout`); certificate forwards always use the model's own.
+            supported HookedTransformer, every forward uses the read-out forward
+            (:mod:`explaind_tl.readout`), which :meth:`check_readout` compares with the model's own.
     """
 
     def __init__(
@@ -114,8 +114,12 @@ class QueryFunction:
         self.model = self._copy(model, dtype)
         self.cert_model = self.model if cert_dtype == dtype else self._copy(model, cert_dtype)
         self.hook_names = self._relu_hook_names(self.model)
-        # gradients through the read-out forward where the model and metric allow it
-        self.readout = Readout(self.model, position) if position is not None and unsupported_reason(self.model) is None else None
+        # the read-out forward, where the model and metric allow it: working dtype for gradients
+        # and node pre-activations, cert_dtype for the certificate (checked by check_readout)
+        self.readout = self.cert_readout = None
+        if position is not None and unsupported_reason(self.model) is None:
+            self.readout = Readout(self.model, position)
+            self.cert_readout = self.readout if self.cert_model is self.model else Readout(self.cert_model, position)
 
     def _copy(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
         return frozen_copy(model, dtype, self.device)
@@ -124,15 +128,16 @@ class QueryFunction:
     def _values(self, params: Params, batch: dict[str, Tensor], cert: bool = False, store: list[Tensor] | None = None) -> Tensor:
         """Metric values ``[Q, O]``; ReLU pre-activations ``[Q, U]`` are appended to ``store``.
 
-        ``cert=True`` evaluates the certificate model (the model's own forward, ``cert_dtype``);
-        otherwise the working-dtype model, through the read-out forward when it is in use.
+        ``cert=True`` evaluates in ``cert_dtype`` (the certificate), otherwise in the working
+        dtype; either through the read-out forward when it is in use, else the model's own.
         """
         batch = dict(batch)
         kmask, kval = batch.pop(KINK_MASK, None), batch.pop(KINK_ON, None)
         model = self.cert_model if cert else self.model
-        if not cert and self.readout is not None:
+        readout = self.cert_readout if cert else self.readout
+        if readout is not None:
             force = (kmask, kval) if kmask is not None else None
-            logits, z = self.readout.logits(params, model_input(batch), force, preacts=store is not None)
+            logits, z = readout.logits(params, model_input(batch), force, preacts=store is not None)
             if store is not None:
                 store.append(z)
         else:
@@ -148,23 +153,31 @@ class QueryFunction:
         v = self.metric(logits, batch)
         return v if v.ndim == 2 else v.unsqueeze(-1)
 
-    def check_readout(self, tokens: Tensor, tol: float = 1e-9) -> float | None:
-        """Check the read-out forward against the model's own (float64) on ``tokens``.
+    def check_readout(self, tokens: Tensor, params: Params | None = None, tol: float = 1e-9, strict: bool = False) -> float | None:
+        """Check the read-out forward against the model's own forward, in float64, on ``tokens``.
 
-        Switches the read-out forward off, with a warning, when they differ by more than ``tol``
-        (relative). Returns the measured difference (``None`` when no read-out forward is used).
+        Args:
+            tokens: ``[Q, pos]`` queries.
+            params: trainable parameters to compare at (default: the model's own).
+            tol: largest accepted relative difference of logits and pre-activations.
+            strict: raise instead of switching the read-out forward off.
+
+        Returns:
+            The measured difference (``None`` when no read-out forward is in use). Above ``tol``
+            the read-out forward is switched off with a warning (the model's own forward is used
+            from then on), or, with ``strict``, a ``RuntimeError`` is raised.
         """
         if self.readout is None:
             return None
         ref = self.cert_model if self.cert_dtype == torch.float64 else frozen_copy(self.model, torch.float64, self.device)
-        err = self.readout.check(ref, tokens)
+        p64 = None if params is None else {k: v.to(self.device, torch.float64) for k, v in params.items()}
+        err = self.readout.check(ref, tokens.to(self.device), p64)
         if not err <= tol:
-            warnings.warn(
-                f"read-out forward differs from TransformerLens by {err:.1e} (relative) on this model; "
-                "using TransformerLens's forward for the gradients instead",
-                stacklevel=3,
-            )
-            self.readout = None
+            msg = f"read-out forward differs from TransformerLens by {err:.1e} (relative) on this model"
+            if strict:
+                raise RuntimeError(msg + "; rerun explain(..., fast_forward=False)")
+            warnings.warn(msg + "; using TransformerLens's forward instead", stacklevel=3)
+            self.readout = self.cert_readout = None
         return err
 
     def values(self, params: Params, batch: dict[str, Tensor], cert: bool = True) -> Float[Tensor, "query output"]:
@@ -372,12 +385,6 @@ class LossFunction:
             return functional_call(self.wrapper, p, (batch,))
 
         return vmap(lambda t: jvp(losses, (prefixed,), (t,))[1])(tan)
-
-    def sum_grad(self, params: Params, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``Σ_i ∇ℓ(x_i; w)`` over the rows of ``batch`` (one reverse pass)."""
-        prefixed, batch = self._prepare(params, batch)
-        g = grad(lambda p: functional_call(self.wrapper, p, (batch,)).sum())(prefixed)
-        return {k[len("model.") :]: v for k, v in g.items()}
 
 
 class _LossModule(nn.Module):

@@ -8,9 +8,9 @@ of the MLP and unembedding FLOPs are positions the metric never reads). :class:`
 pure-tensor re-implementation of the forward for the configurations listed in
 :func:`unsupported_reason` that evaluates only what reaches the read-out logits, with the ReLU
 capture and forcing the kink-aware quadrature needs. It is used for the engine's gradients
-(about 3x faster on the grokking model); the certificate keeps TransformerLens's own forward in
-float64, so any disagreement would show up as residual. Before use it is checked against
-TransformerLens on the actual queries (:meth:`Readout.check`).
+(about 3x faster on the grokking model) and for the float64 certificate forwards; before use,
+and again at every checkpoint of the explained window, it is checked against TransformerLens's
+own forward in float64 on the actual queries (:meth:`Readout.check`).
 
 Pre-activations use the same flattened layout as hooks on ``blocks.{l}.mlp.hook_pre`` over the
 full sequence: ``[batch, n_layers * n_pos * d_mlp]``, layer-major, then position, then neuron.
@@ -95,20 +95,32 @@ class Readout:
         return x * p[f"{name}.w"] + p[f"{name}.b"] if kind == "LN" else x
 
     def _attention(
-        self, p: Params, layer: int, x: Float[Tensor, "batch pos d_model"], last: bool
+        self, p: Params, layer: int, x: Float[Tensor, "row pos d_model"], last: bool, tok: Tensor | None = None
     ) -> Float[Tensor, "batch qpos d_model"]:
+        """Attention output at the kept query positions.
+
+        ``x`` is the normalised residual ``[batch, pos, d_model]``; or, with ``tok`` (layer 0),
+        the table ``[d_vocab, pos, d_model]`` of every (token, position) pair, projected once
+        and gathered by ``tok`` (``[batch, pos]``): layer-0 queries, keys and values depend on
+        nothing else, and the table is smaller than the batch.
+        """
         a = f"blocks.{layer}.attn."
-        k = _project(x, p[a + "W_K"], p[a + "b_K"])
-        v = _project(x, p[a + "W_V"], p[a + "b_V"])
+
+        def rows(t: Tensor) -> Tensor:
+            return t if tok is None else t[tok, torch.arange(tok.shape[1], device=tok.device)]
+
+        k = rows(_project(x, p[a + "W_K"], p[a + "b_K"]))
+        v = rows(_project(x, p[a + "W_V"], p[a + "b_V"]))
         if last:  # one query (the read-out position), which sees every kept key
             q = _project(x[:, -1], p[a + "W_Q"], p[a + "b_Q"])  # [batch, head, d_head]
+            q = q if tok is None else q[tok[:, -1]]
             scores = (q[:, None] * k).sum(-1) / self.attn_scale[layer]  # [batch, kpos, head]
             z = (scores.softmax(1)[..., None] * v).sum(1)[:, None]  # [batch, 1, head, d_head]
         else:
-            q = _project(x, p[a + "W_Q"], p[a + "b_Q"])
+            q = rows(_project(x, p[a + "W_Q"], p[a + "b_Q"]))
             scores = einops.einsum(q, k, "batch qpos head d_head, batch kpos head d_head -> batch head qpos kpos")
             scores = scores / self.attn_scale[layer]
-            n = x.shape[1]
+            n = k.shape[1]
             causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             scores = torch.where(causal, scores, torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
             z = einops.einsum(scores.softmax(-1), v, "batch head qpos kpos, batch kpos head d_head -> batch qpos head d_head")
@@ -168,7 +180,11 @@ class Readout:
         per_layer = n_pos * cfg.d_mlp
         for layer in range(cfg.n_layers):
             last = layer == cfg.n_layers - 1
-            x_attn = self._attention(p, layer, self._norm(p, f"blocks.{layer}.ln1", x), last)
+            if layer == 0 and p["embed.W_E"].shape[0] * tok.shape[1] <= tok.numel():
+                table = p["embed.W_E"][:, None] + p["pos_embed.W_pos"][None, : pos + 1]  # [d_vocab, pos, d_model]
+                x_attn = self._attention(p, 0, self._norm(p, "blocks.0.ln1", table), last, tok)
+            else:
+                x_attn = self._attention(p, layer, self._norm(p, f"blocks.{layer}.ln1", x), last)
             x = (x[:, -1:] if last else x) + x_attn
             if not cfg.attn_only:
                 slot = (layer * per_layer, pos if last else 0)
@@ -188,23 +204,24 @@ class Readout:
         self,
         reference: nn.Module,
         tokens: Int[Tensor, "batch pos"],
-        tol: float = 1e-9,
+        params: Params | None = None,
     ) -> float:
         """Largest relative difference from TransformerLens's own forward, in float64.
 
         Compares the read-out logits and, for ReLU models, the pre-activations of every unit the
-        read-out forward computes, on ``tokens`` with ``reference``'s parameters (a float64 copy
-        of the model).
+        read-out forward computes, on ``tokens``, with ``reference`` (a float64 copy of the
+        model) at its own parameters overridden by ``params``.
 
         Returns:
-            ``max |ours - TL| / max(1, |TL|)`` over logits and pre-activations.
+            ``max |ours - TL| / max(1, max |TL|)`` over logits and pre-activations.
         """
-        params = {n: q.detach() for n, q in reference.named_parameters()}
+        full = {n: q.detach() for n, q in reference.named_parameters()}
+        full.update(params or {})
         saved = self.base
-        self.base = params
+        self.base = full
         try:
             with torch.no_grad():
-                ours, z = self.logits(params, tokens.to(next(iter(params.values())).device), preacts=self.relu)
+                ours, z = self.logits(full, tokens, preacts=self.relu)
                 store: list[Tensor] = []
                 hooks = []
                 if self.relu:
@@ -213,11 +230,10 @@ class Readout:
                         for layer in range(self.cfg.n_layers)
                     ]
                 with reference.hooks(fwd_hooks=hooks):
-                    ref = reference(tokens.to(ours.device))[:, self.position % tokens.shape[1]]
+                    ref = torch.func.functional_call(reference, full, (tokens,))[:, self.position % tokens.shape[1]]
         finally:
             self.base = saved
-        scale = ref.abs().max().clamp_min(1.0)
-        err = float((ours - ref).abs().max() / scale)
+        err = float((ours - ref).abs().max() / ref.abs().max().clamp_min(1.0))
         if z is not None:
             zr = torch.cat(store, dim=1)
             keep = readout_units(self.cfg, tokens.shape[1], self.position).to(z.device)

@@ -45,10 +45,11 @@ def tokens_for(model, n: int = 9, seed: int = 1):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("position", [-1, 1])
-def test_logits_and_gradients_match_transformer_lens(name, position):
+@pytest.mark.parametrize("n_tokens", [2, 40])  # layer 0 computed directly / from the (token, position) table
+def test_logits_and_gradients_match_transformer_lens(name, position, n_tokens):
     model = randomised(CONFIGS[name])
     assert unsupported_reason(model) is None
-    tok = tokens_for(model)
+    tok = tokens_for(model, n=n_tokens)
     label = torch.arange(len(tok)) % model.cfg.d_vocab_out
     batch = {"tokens": tok, "label": label}
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -163,6 +164,31 @@ def test_mismatching_readout_is_detected_and_switched_off(relu_run, monkeypatch)
     assert any("read-out forward differs" in str(w.message) for w in caught)
     assert attr.meta["forward"] == "model" and attr.meta["readout_error"] > 1e-6
     assert attr.completeness.summary()["total_rel"] < 1e-10
+    # inside a run (checkpoints, window ends) a disagreement is an error, not a silent switch
+    model = traj.model()
+    metric, _ = resolve_metric("correct_logprob", -1)
+    qf = QueryFunction(model, list(traj.param_names), metric, position=-1)
+    with pytest.raises(RuntimeError, match="fast_forward=False"):
+        qf.check_readout(test["tokens"], dict(model.named_parameters()), strict=True)
+
+
+def test_certificate_is_checked_at_checkpoints(relu_run, monkeypatch):
+    """The read-out forward is compared with TransformerLens at the window ends and checkpoints."""
+    traj, test = relu_run
+    seen = []
+    real = QueryFunction.check_readout
+
+    def spy(self, tokens, params=None, tol=1e-9, strict=False):
+        seen.append((strict, None if params is None else float(params["unembed.W_U"].double().sum())))
+        return real(self, tokens, params, tol, strict)
+
+    monkeypatch.setattr(QueryFunction, "check_readout", spy)
+    attr = explain(traj, test, by=("step",), progress=False, steps=(1, 6))
+    assert attr.meta["forward"] == "readout" and attr.meta["readout_error"] < 1e-12
+    checked = {round(v, 9) for strict, v in seen if strict}
+    # window ends 1 and 6, checkpoint 4 (checkpoint_every=4): three distinct parameter points
+    expected = {round(float(traj.params_at(s)["unembed.W_U"].double().sum()), 9) for s in (1, 4, 6)}
+    assert expected <= checked
 
 
 def test_readout_check_uses_grad_free_reference():
