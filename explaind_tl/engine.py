@@ -365,10 +365,14 @@ class _Engine:
             p = {k: w[k] + tj * delta[k] for k in self.names}
             wj = weights[:, j]
             if plan.resolve_query:
-                g = self.layout.flatten(self.qf.per_query_grad(p, sub, plan.resolve_output), lead=2, dtype=torch.float64)
-                target = (pos[:, None] * o + torch.arange(o)[None, :]).reshape(-1).to(self.device)
-                g.mul_(wj.to(self.device, torch.float64)[:, None, None])  # in place: no second [rows, P] block
-                phi.index_add_(0, target, g.reshape(-1, g.shape[-1]))
+                g = self.qf.per_query_grad(p, sub, plan.resolve_output)  # [rows, O', *shape]
+                # the weighted pieces of each query summed in the working dtype, one parameter at a
+                # time, as a product with the [queries, rows] weight matrix: the [rows, O', P] block
+                # is read once and never copied to float64
+                pieces = torch.zeros(len(idx), len(rows_q), dtype=self.dtype, device=self.device)
+                pieces[pos.to(self.device), torch.arange(len(rows_q), device=self.device)] = wj.to(self.device, self.dtype)
+                for name, sl in self.layout.slices.items():
+                    phi[:, sl] += (pieces @ g[name].reshape(len(rows_q), -1)).reshape(len(idx) * o, -1)
             else:
                 rw = (plan.weights[rows_q] * wj).to(self.device)
                 g = self.qf.aggregate_grad(p, sub, rw, plan.resolve_output)  # [O', *]
@@ -800,8 +804,9 @@ def explain(
         dtype: working dtype of gradients (default: the trajectory's, float32); sums are
             accumulated in float64 and certificates are measured in float64.
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
-        query_chunk: queries per chunk (default: 4096 aggregated, 256 with a query axis, where
-            per-query gradients of a chunk are held at once); train_chunk: training examples per
+        query_chunk: queries per chunk (default: 4096 aggregated; with a query axis, where the
+            per-query gradients of a chunk are held at once, as many as fit ~256 MB, at most
+            256); train_chunk: training examples per
             chunk of per-example gradients.
         progress: show tqdm progress bars.
         resume_dir: persist partial sums after every checkpoint segment and continue from them.
@@ -901,7 +906,10 @@ def explain(
     )
     kink = (kink_aware == "auto") or bool(kink_aware)
     if query_chunk is None:
-        query_chunk = 256 if plan.resolve_query else 4096
+        # per-query gradients of a chunk ([queries, outputs, P] in the working dtype) within ~256 MB
+        n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(trajectory.param_names))
+        per_query = plan.rows_per_query * n_params * torch.finfo(dtype).bits // 8
+        query_chunk = max(1, min(256, (256 << 20) // per_query)) if plan.resolve_query else 4096
     engine = _Engine(
         trajectory, batch, metric_fn, plan, cmap, dtype, device, tol, nodes, max_nodes, kink, query_chunk, train_chunk,
         position=None if callable(metric) else position, fast_forward=fast_forward, jvp_tangents=TRAIN_GRADS[train_grads],

@@ -40,6 +40,15 @@ class ParamLayout:
     def numel(self) -> int:
         return sum(self.sizes)
 
+    @property
+    def slices(self) -> dict[str, slice]:
+        """Where each parameter sits in a flat vector."""
+        out, start = {}, 0
+        for name, size in zip(self.names, self.sizes):
+            out[name] = slice(start, start + size)
+            start += size
+        return out
+
     def flatten(self, d: Params, lead: int = 0, dtype: torch.dtype | None = None) -> Tensor:
         """Concatenate ``d`` into ``[*lead_dims, P]`` (``lead`` leading batch dims).
 
