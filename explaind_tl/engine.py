@@ -59,6 +59,8 @@ SOURCES = ("data", "history", "weight_decay", "regularization", "update_residual
 PSEUDO = ("history", "weight_decay", "regularization", "update_residual")
 # train_grads -> the most tangents (rows x components) for which the train axis uses jvp
 TRAIN_GRADS = {"auto": 12, "jvp": 2**62, "per_example": 0}
+# query_grads -> the most tangents (sources x components) for which per-query rows use jvp
+QUERY_GRADS = {"auto": 64, "jvp": 2**62, "grad": 0}
 # adaptive refinement also stops once doubling the nodes changes every failing row's attributed
 # total by less than this fraction of its residual (the quadrature has converged; the rest is
 # rounding in the working dtype)
@@ -181,6 +183,7 @@ class _Engine:
         position: int | None = None,
         fast_forward: bool = True,
         jvp_tangents: int = 12,
+        directional: bool = False,
     ) -> None:
         self.traj = trajectory
         self.plan = plan
@@ -201,6 +204,7 @@ class _Engine:
         self.names = list(trajectory.param_names)
         params0 = dict(model.named_parameters())
         self.layout = ParamLayout(tuple(self.names), tuple(params0[n].shape for n in self.names))
+        self.fast_forward = fast_forward
         self.qf = QueryFunction(
             model, self.names, metric_fn, dtype=dtype, device=device, position=position if fast_forward else None
         )
@@ -226,6 +230,12 @@ class _Engine:
             self.flat_index = None
             self.n_comp = 1
         self.eps = torch.finfo(dtype).eps
+        # per-query rows on the realized clock: forward-mode derivatives along each (update vector,
+        # component) instead of per-query gradients
+        self.directional = directional
+        if self.directional and self.flat_index is not None:
+            self.onehot = torch.zeros(self.n_comp, self.layout.numel, dtype=torch.float64, device=device)
+            self.onehot[self.flat_index, torch.arange(self.layout.numel, device=device)] = 1.0
         self._lossf: LossFunction | None = None
         self.nodes_used: dict[int, int] = {}
         self.kinks_seen: dict[int, int] = {}
@@ -329,12 +339,20 @@ class _Engine:
         return idx[cand][q], u, ts, on
 
     def _phi_chunk(
-        self, w: Params, delta: Params, idx: Tensor, n: int, ends: tuple[Tensor, Tensor] | None
-    ) -> Float[Tensor, "row param"]:
+        self,
+        w: Params,
+        delta: Params,
+        idx: Tensor,
+        n: int,
+        ends: tuple[Tensor, Tensor] | None,
+        tangents: Params | None = None,
+    ) -> Float[Tensor, "row param_or_tangent"]:
         """``φ̂`` for the rows of one query chunk with ``n`` shared Gauss–Legendre nodes.
 
         Queries whose ReLUs switch inside the segment are expanded into one row per smooth piece,
-        with the activation pattern forced and the piece's weights (:func:`kink_pieces`).
+        with the activation pattern forced and the piece's weights (:func:`kink_pieces`). With
+        ``tangents`` (dict of ``[T, *shape]``; per-query rows only) the result is ``<φ̂, t>`` for
+        each tangent, ``[rows, T]``, from forward-mode derivatives instead of gradients.
         """
         plan = self.plan
         t_nodes, w_nodes = gauss_legendre(n)
@@ -359,12 +377,19 @@ class _Engine:
         if force is not None:
             sub = {**sub, KINK_MASK: force[0], KINK_ON: force[1]}
         n_rows = (len(idx) if plan.resolve_query else 1) * plan.rows_per_query
-        phi = torch.zeros(n_rows, self.layout.numel, dtype=torch.float64, device=self.device)
+        width = self.layout.numel if tangents is None else next(iter(tangents.values())).shape[0]
+        phi = torch.zeros(n_rows, width, dtype=torch.float64, device=self.device)
         o = plan.rows_per_query
         for j, tj in enumerate(t_nodes.tolist()):
             p = {k: w[k] + tj * delta[k] for k in self.names}
             wj = weights[:, j]
-            if plan.resolve_query:
+            if tangents is not None:
+                d = self.qf.per_query_directional(p, sub, tangents, plan.resolve_output)  # [T, rows, O']
+                d = d.to(torch.float64) * wj.to(self.device, torch.float64)[None, :, None]
+                per_q = torch.zeros(d.shape[0], len(idx), o, dtype=torch.float64, device=self.device)
+                per_q.index_add_(1, pos.to(self.device), d)
+                phi += per_q.reshape(d.shape[0], -1).T
+            elif plan.resolve_query:
                 g = self.qf.per_query_grad(p, sub, plan.resolve_output)  # [rows, O', *shape]
                 # the weighted pieces of each query summed in the working dtype, one parameter at a
                 # time, as a product with the [queries, rows] weight matrix: the [rows, O', P] block
@@ -386,8 +411,14 @@ class _Engine:
         w_next: Params,
         q0: tuple[Tensor, Tensor | None],
         q1: tuple[Tensor, Tensor | None],
-    ) -> Float[Tensor, "row param"]:
-        """Certified ``φ̂_s`` for all rows; records nodes, measured change and residual."""
+        vectors: Tensor | None = None,
+    ) -> Float[Tensor, "row param_or_vector"]:
+        """Certified ``φ̂_s`` for all rows; records nodes, measured change and residual.
+
+        With ``vectors`` (``[T, P]`` float64 whose sum is ``Δ_s``), returns ``<φ̂_s, v>`` for each
+        instead, ``[rows, T]``, from forward-mode derivatives (per-query rows). The certificate's
+        rounding allowance then uses ``Σ_v |<φ̂_s, v>|`` for ``Σ_p |φ̂_p Δ_p|``.
+        """
         plan = self.plan
         w = self.to_work(w_s)
         delta64 = {k: w_next[k].to(self.device, torch.float64) - w_s[k].to(self.device, torch.float64) for k in self.names}
@@ -395,7 +426,9 @@ class _Engine:
         dflat = self.layout.flatten(delta64)
         ends = (q0[1], q1[1]) if (self.kink_aware and q0[1] is not None) else None
         self._current_step = s
-        phi = torch.zeros(plan.n_rows, self.layout.numel, dtype=torch.float64, device=self.device)
+        tangents = None if vectors is None else self.layout.unflatten(vectors.to(self.device, self.dtype))
+        width = self.layout.numel if vectors is None else vectors.shape[0]
+        phi = torch.zeros(plan.n_rows, width, dtype=torch.float64, device=self.device)
         measured = torch.zeros(plan.n_rows, dtype=torch.float64)
         attributed = torch.zeros(plan.n_rows, dtype=torch.float64)
         n_max = self.nodes
@@ -406,9 +439,11 @@ class _Engine:
             att_prev, worst_prev, stalls = None, math.inf, 0
             while True:
                 self.kinks_seen[s] = 0
-                part = self._phi_chunk(w, delta, idx, n, ends)
-                att = part @ dflat
-                mag = part.abs() @ dflat.abs()
+                part = self._phi_chunk(w, delta, idx, n, ends, tangents)
+                if tangents is None:
+                    att, mag = part @ dflat, part.abs() @ dflat.abs()
+                else:
+                    att, mag = part.sum(1), part.abs().sum(1)
                 res = (meas - att).abs()
                 bound = residual_tolerance(meas, mag, self.tol, self.eps)
                 failing = res > bound
@@ -471,15 +506,20 @@ class _Engine:
                 if q0 is None:
                     q0 = self.endpoint(rec.params, s)
                 q1 = self.endpoint(rec.next_params, s + 1)
-                phi = self.phi(s, rec.params, rec.next_params, q0, q1)
                 vectors = self.realized_vectors(rec, want_sources, H, Rb)
                 if want_sources:
                     vectors, H, Rb = vectors
                 k = plan.bin_of(s)
-                for x, vec in enumerate(vectors):
-                    if vec is None:
-                        continue
-                    acc[k, :, :, x] += self.reduce(phi * vec[None, :]).cpu()
+                if self.directional:
+                    V = torch.stack(vectors)  # [X, P]
+                    if self.flat_index is not None:  # one tangent per (vector, component)
+                        V = (V[:, None, :] * self.onehot[None]).reshape(-1, V.shape[1])
+                    vals = self.phi(s, rec.params, rec.next_params, q0, q1, vectors=V)  # [R, X*C]
+                    acc[k] += vals.reshape(vals.shape[0], len(vectors), self.n_comp).transpose(1, 2).cpu()
+                else:
+                    phi = self.phi(s, rec.params, rec.next_params, q0, q1)
+                    for x, vec in enumerate(vectors):
+                        acc[k, :, :, x] += self.reduce(phi * vec[None, :]).cpu()
                 q0 = q1
                 bar.update(1)
             if resume is not None:
@@ -521,12 +561,19 @@ class _Engine:
             "regularization": P * Rb + (e * co.coupled_wd * w64 if e is not None else 0.0),
             "update_residual": delta - dhat,
         }
-        return [vec.get(lbl) for lbl in self.plan.x_labels], H, Rb
+        return [vec[lbl] for lbl in self.plan.x_labels], H, Rb
 
     # ------------------------------------------------------------- seen clock
     def loss_function(self) -> LossFunction:
         if self._lossf is None:
-            self._lossf = LossFunction(self.traj.model(), self.traj.loss_fn, self.dtype, self.device)
+            self._lossf = LossFunction(self.traj.model(), self.traj.loss_fn, self.dtype, self.device, self.fast_forward)
+            rows = self.traj.batch(torch.arange(min(64, self.traj.num_train)))
+            if "tokens" in rows:
+                err = self._lossf.check_readout(rows["tokens"])
+                if err is not None:
+                    self.readout_error = max(self.readout_error or 0.0, err)
+            else:
+                self._lossf.readout = None
         return self._lossf
 
     def run_seen(self, progress: bool, acc: Tensor, resume: _Resume | None) -> None:
@@ -776,6 +823,7 @@ def explain(
     resume_dir: str | Path | None = None,
     fast_forward: bool = True,
     train_grads: str = "auto",
+    query_grads: str = "auto",
 ):
     """Rewrite the trained model's output change exactly as a sum over steps, components, examples.
 
@@ -804,9 +852,9 @@ def explain(
         dtype: working dtype of gradients (default: the trajectory's, float32); sums are
             accumulated in float64 and certificates are measured in float64.
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
-        query_chunk: queries per chunk (default: 4096 aggregated; with a query axis, where the
-            per-query gradients of a chunk are held at once, as many as fit ~256 MB, at most
-            256); train_chunk: training examples per
+        query_chunk: queries per chunk (default: 4096 aggregated, 256 with a query axis; with
+            per-query gradients, which a chunk holds at once, as many as fit ~256 MB);
+            train_chunk: training examples per
             chunk of per-example gradients.
         progress: show tqdm progress bars.
         resume_dir: persist partial sums after every checkpoint segment and continue from them.
@@ -822,6 +870,11 @@ def explain(
             derivatives of the per-example losses, one pass per row and component, no
             per-example gradients), ``"per_example"`` (``vmap`` per-example gradients,
             contracted), or ``"auto"``: ``"jvp"`` when rows x components <= 12.
+        query_grads: how per-query rows (``"query"`` in ``by``, realized clock) get their
+            entries: ``"jvp"`` (forward-mode derivatives along each update vector restricted to
+            each component: one pass per (source, component), all queries and outputs at once,
+            no per-query gradient vectors), ``"grad"`` (per-query gradients, then inner
+            products), or ``"auto"``: ``"jvp"`` when sources x components <= 64.
 
     Returns:
         :class:`explaind_tl.Attribution` with ``values`` ``[*dims]`` (``"component"`` first when
@@ -843,6 +896,8 @@ def explain(
         raise ValueError("by='train' already carries the source split (pseudo-entries); drop 'source'")
     if train_grads not in TRAIN_GRADS:
         raise ValueError(f"train_grads must be one of {tuple(TRAIN_GRADS)}, got {train_grads!r}")
+    if query_grads not in QUERY_GRADS:
+        raise ValueError(f"query_grads must be one of {tuple(QUERY_GRADS)}, got {query_grads!r}")
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
     if nodes < 1 or max_nodes < nodes:
@@ -905,14 +960,19 @@ def explain(
         clock=clock,
     )
     kink = (kink_aware == "auto") or bool(kink_aware)
+    n_tangents = len(x_labels) * (len(cmap.labels) if cmap is not None else 1)
+    directional = clock == "realized" and plan.resolve_query and n_tangents <= QUERY_GRADS[query_grads]
     if query_chunk is None:
-        # per-query gradients of a chunk ([queries, outputs, P] in the working dtype) within ~256 MB
-        n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(trajectory.param_names))
-        per_query = plan.rows_per_query * n_params * torch.finfo(dtype).bits // 8
-        query_chunk = max(1, min(256, (256 << 20) // per_query)) if plan.resolve_query else 4096
+        query_chunk = 4096 if not plan.resolve_query else 256
+        if plan.resolve_query and not directional:
+            # per-query gradients of a chunk ([queries, outputs, P], working dtype) within ~256 MB
+            n_params = sum(p.numel() for n, p in model.named_parameters() if n in set(trajectory.param_names))
+            per_query = plan.rows_per_query * n_params * torch.finfo(dtype).bits // 8
+            query_chunk = max(1, min(256, (256 << 20) // per_query))
     engine = _Engine(
         trajectory, batch, metric_fn, plan, cmap, dtype, device, tol, nodes, max_nodes, kink, query_chunk, train_chunk,
         position=None if callable(metric) else position, fast_forward=fast_forward, jvp_tangents=TRAIN_GRADS[train_grads],
+        directional=directional,
     )
     acc = torch.zeros(n_bins, plan.n_rows, engine.n_comp, len(x_labels), dtype=torch.float64)
     resume = None
@@ -969,6 +1029,10 @@ def explain(
         "max_nodes": max_nodes,
         "kink_aware": engine.kink_aware,
         "forward": "readout" if engine.qf.readout is not None else "model",
+        "query_grads": ("jvp" if directional else "grad") if plan.resolve_query and clock == "realized" else None,
+        "train_grads": ("jvp" if plan.n_rows * engine.n_comp <= TRAIN_GRADS[train_grads] else "per_example")
+        if clock == "seen"
+        else None,
         "readout_error": engine.readout_error,
         "kinks": int(sum(engine.kinks_seen.values())),
         "replay_mismatch": max((d for c, d in trajectory.replay_mismatch.items() if a < c <= b), default=0.0),

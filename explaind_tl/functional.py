@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
+from .losses import last_token_cross_entropy
 from .readout import Readout, readout_units, unsupported_reason
 
 Params = dict[str, Tensor]
@@ -324,6 +325,22 @@ class QueryFunction:
             return jacrev(f)(params)
         return {k: g.unsqueeze(0) for k, g in grad(lambda p: f(p)[0])(params).items()}  # no vmap for one row
 
+    def per_query_directional(
+        self, params: Params, batch: dict[str, Tensor], tangents: Params, resolve_outputs: bool
+    ) -> Float[Tensor, "tangent query output"]:
+        """Directional derivatives ``<∇ metric_i, t>`` of every query (and output) along every
+        tangent ``t`` (dict of ``[T, *shape]``): one forward-mode pass over the batch per tangent.
+
+        Returns:
+            ``[T, Q, R]`` with ``R = O`` when ``resolve_outputs`` else ``R = 1`` (outputs summed).
+        """
+
+        def f(p: Params) -> Tensor:
+            v = self._values(p, batch)  # [Q, O]
+            return v if resolve_outputs else v.sum(1, keepdim=True)
+
+        return vmap(lambda t: jvp(f, (params,), (t,))[1])(tangents)
+
     def per_query_grad(self, params: Params, batch: dict[str, Tensor], resolve_outputs: bool) -> dict[str, Tensor]:
         """Per-query gradients ``[Q, R, *shape]`` (``vmap`` over queries)."""
 
@@ -361,25 +378,40 @@ class LossFunction:
     ``[T, B]``, no ``B x P`` block at all), which is far cheaper when there are few tangents.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, dtype: torch.dtype, device) -> None:
+    def __init__(self, model: nn.Module, loss_fn: Callable, dtype: torch.dtype, device, fast_forward: bool = False) -> None:
         self.model = frozen_copy(model, dtype, device)
         self.loss_fn = loss_fn
         self.dtype = dtype
+        self.device = torch.device(device)
         self.wrapper = _LossModule(self.model, loss_fn)
+        # the built-in last-token cross entropy through the read-out forward (checked before use)
+        self.readout = None
+        if fast_forward and loss_fn is last_token_cross_entropy and unsupported_reason(self.model) is None:
+            self.readout = Readout(self.model, -1)
 
-    def _prepare(self, params: Params, batch: dict[str, Tensor]) -> tuple[Params, dict[str, Tensor]]:
-        prefixed = {"model." + k: v for k, v in params.items()}
-        return prefixed, {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    def check_readout(self, tokens: Tensor, tol: float = 1e-9) -> float | None:
+        """Compare the read-out forward with the model's own in float64 (see
+        :meth:`QueryFunction.check_readout`); switch it off with a warning above ``tol``."""
+        if self.readout is None:
+            return None
+        err = self.readout.check(frozen_copy(self.model, torch.float64, self.device), tokens.to(self.device))
+        if not err <= tol:
+            warnings.warn(f"read-out forward differs from TransformerLens by {err:.1e} (relative) on the training loss; "
+                          "using TransformerLens's forward instead", stacklevel=3)
+            self.readout = None
+        return err
+
+    def losses(self, params: Params, batch: dict[str, Tensor]) -> Float[Tensor, "batch"]:
+        """Per-example training losses ``[B]`` at ``params``."""
+        batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        if self.readout is not None:
+            logits, _ = self.readout.logits(params, batch["tokens"])
+            return torch.nn.functional.cross_entropy(logits, batch["label"], reduction="none")
+        return functional_call(self.wrapper, {"model." + k: v for k, v in params.items()}, (batch,))
 
     def per_example_grad(self, params: Params, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """``∇ℓ(x_i; w)`` for each row of ``batch``: dict of ``[B, *shape]``."""
-        prefixed, batch = self._prepare(params, batch)
-
-        def f(p: Params, example: dict[str, Tensor]) -> Tensor:
-            return functional_call(self.wrapper, p, (_unsqueeze(example),))[0]
-
-        g = vmap(grad(f), in_dims=(None, 0))(prefixed, batch)
-        return {k[len("model.") :]: v for k, v in g.items()}
+        return vmap(grad(lambda p, example: self.losses(p, _unsqueeze(example))[0]), in_dims=(None, 0))(params, batch)
 
     def per_example_dots(self, params: Params, batch: dict[str, Tensor], tangents: Params) -> Float[Tensor, "tangent batch"]:
         """``<t, ∇ℓ(x_i; w)>`` for every tangent ``t`` (dict of ``[T, *shape]``) and row ``i``.
@@ -387,13 +419,8 @@ class LossFunction:
         One forward-mode pass over the batch per tangent (``vmap`` over tangents); the
         per-example losses must not depend on each other (the ``loss_fn`` contract).
         """
-        prefixed, batch = self._prepare(params, batch)
-        tan = {"model." + k: v.to(self.dtype) for k, v in tangents.items()}
-
-        def losses(p: Params) -> Tensor:
-            return functional_call(self.wrapper, p, (batch,))
-
-        return vmap(lambda t: jvp(losses, (prefixed,), (t,))[1])(tan)
+        tan = {k: v.to(self.dtype) for k, v in tangents.items()}
+        return vmap(lambda t: jvp(lambda p: self.losses(p, batch), (params,), (t,))[1])(tan)
 
 
 class _LossModule(nn.Module):

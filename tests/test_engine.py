@@ -389,6 +389,7 @@ def test_train_axis_jvp_equals_per_example_gradients(gelu_run):
     kw = dict(by=("component", "query", "train"), components="head", dtype=torch.float64, tol=1e-12, progress=False)
     fwd = explain(traj, test, train_grads="jvp", **kw)
     per = explain(traj, test, train_grads="per_example", **kw)
+    assert (fwd.meta["train_grads"], per.meta["train_grads"]) == ("jvp", "per_example")
     scale = float(per.values.abs().max())
     assert scale > 1e-8
     torch.testing.assert_close(fwd.values, per.values, rtol=0, atol=1e-12 * scale)
@@ -397,6 +398,28 @@ def test_train_axis_jvp_equals_per_example_gradients(gelu_run):
         assert abs(float(c.measured.sum() - c.attributed.sum())) <= 1e-10 * float(c.measured.abs().sum())
     with pytest.raises(ValueError, match="train_grads"):
         explain(traj, test, by=("train",), train_grads="fast", progress=False)
+
+
+@pytest.mark.parametrize("act_fn", ["gelu", "relu"])
+def test_per_query_jvp_equals_per_query_gradients(tmp_path, act_fn):
+    """Forward-mode per-query entries (one pass per source x component) = per-query gradients."""
+    train, test = modular_data()
+    traj, _, _ = record(tmp_path, tiny_transformer(act_fn, seed=3), "sgd_nesterov", train, steps=6)
+    for by, metric in [(("query", "step", "component", "source"), "correct_logprob"), (("query", "output", "component"), "logits")]:
+        kw = dict(by=by, metric=metric, components="head", dtype=torch.float64, tol=1e-10, progress=False)
+        fwd = explain(traj, test, query_grads="jvp", **kw)
+        grd = explain(traj, test, query_grads="grad", **kw)
+        assert (fwd.meta["query_grads"], grd.meta["query_grads"]) == ("jvp", "grad")
+        scale = float(grd.values.abs().max())
+        assert scale > 1e-8
+        torch.testing.assert_close(fwd.values, grd.values, rtol=0, atol=1e-10 * scale)
+        for attr in (fwd, grd):
+            c = attr.completeness
+            assert float((c.measured - c.attributed).abs().max()) <= 1e-8 * float(c.measured.abs().max())
+    if act_fn == "relu":
+        assert fwd.meta["kinks"] > 0
+    with pytest.raises(ValueError, match="query_grads"):
+        explain(traj, test, by=("query",), query_grads="fast", progress=False)
 
 
 def test_question_helpers(gelu_run):

@@ -55,6 +55,7 @@ def test_presets():
     d = CONFIGS["default"]
     assert (d.p, d.train_fraction, d.d_model, d.n_heads, d.d_head, d.d_mlp) == (59, 0.5, 64, 4, 16, 256)
     assert (d.lr, d.weight_decay, d.betas, d.batch_size, d.extra_steps) == (1e-3, 1.0, (0.9, 0.98), None, 200)
+    assert d.n_test_queries is None  # the demo explains the whole test set
     n = CONFIGS["nanda"]
     assert (n.p, n.train_fraction, n.d_model, n.d_mlp, n.d_head, n.max_steps, n.extra_steps) == (113, 0.3, 128, 512, 32, 25_000, None)
     assert get_config("tiny", seed=5).seed == 5

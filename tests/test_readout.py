@@ -201,3 +201,34 @@ def test_readout_check_uses_grad_free_reference():
     gr = grad(lambda p: ro.logits(p, tok)[0].sum())(params)
     assert all(bool(torch.isfinite(v).all()) for v in gr.values())
     assert float(gr["unembed.W_U"].abs().sum()) > 0
+
+
+def test_training_loss_through_readout_matches(relu_run):
+    """The built-in last-token cross entropy through the read-out forward: same data entries."""
+    from explaind_tl.functional import LossFunction
+    from explaind_tl.losses import last_token_cross_entropy
+
+    traj, test = relu_run
+    assert traj.loss_fn is last_token_cross_entropy
+    model = traj.model(3)
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
+    batch = traj.batch(torch.arange(12))
+    fast = LossFunction(model, last_token_cross_entropy, torch.float64, "cpu", fast_forward=True)
+    slow = LossFunction(model, last_token_cross_entropy, torch.float64, "cpu")
+    assert fast.readout is not None and slow.readout is None
+    assert fast.check_readout(batch["tokens"]) < 1e-12
+    torch.testing.assert_close(fast.losses(params, batch), slow.losses(params, batch), rtol=1e-12, atol=1e-14)
+    g_fast, g_slow = fast.per_example_grad(params, batch), slow.per_example_grad(params, batch)
+    for k in params:
+        torch.testing.assert_close(g_fast[k], g_slow[k], rtol=1e-10, atol=1e-13)
+    g = torch.Generator().manual_seed(0)
+    tangents = {k: torch.randn((3, *v.shape), generator=g, dtype=torch.float64) for k, v in params.items()}
+    torch.testing.assert_close(fast.per_example_dots(params, batch, tangents), slow.per_example_dots(params, batch, tangents),
+                               rtol=1e-10, atol=1e-13)
+    # a custom loss function is never replaced
+    custom = LossFunction(model, lambda m, b: last_token_cross_entropy(m, b) * 2, torch.float64, "cpu", fast_forward=True)
+    assert custom.readout is None
+    # explain on the train axis agrees with and without the read-out forward
+    kw = dict(by=("component", "train"), components="head", dtype=torch.float64, tol=1e-10, progress=False)
+    a, b = explain(traj, test, **kw), explain(traj, test, fast_forward=False, **kw)
+    torch.testing.assert_close(a.values, b.values, rtol=1e-9, atol=1e-12)
