@@ -383,19 +383,24 @@ def test_train_axis_by_component_matches_realized(gelu_run):
     torch.testing.assert_close(tc.values.sum(1), c.values, rtol=0, atol=1e-10 * scale)
 
 
+def assert_paths_agree(a, b, meta_key: str, paths: tuple[str, str], atol: float, complete: float) -> None:
+    """Two computation paths of one explain() call: the same entries, each complete on its own."""
+    assert (a.meta[meta_key], b.meta[meta_key]) == paths
+    scale = float(b.values.abs().max())
+    assert scale > 1e-8
+    torch.testing.assert_close(a.values, b.values, rtol=0, atol=atol * scale)
+    for attr in (a, b):
+        c = attr.completeness
+        assert float((c.measured - c.attributed).abs().max()) <= complete * float(c.measured.abs().max())
+
+
 def test_train_axis_jvp_equals_per_example_gradients(gelu_run):
     """Forward-mode data entries (one pass per row x component) = contracted per-example gradients."""
     traj, test = gelu_run
     kw = dict(by=("component", "query", "train"), components="head", dtype=torch.float64, tol=1e-12, progress=False)
     fwd = explain(traj, test, train_grads="jvp", **kw)
     per = explain(traj, test, train_grads="per_example", **kw)
-    assert (fwd.meta["train_grads"], per.meta["train_grads"]) == ("jvp", "per_example")
-    scale = float(per.values.abs().max())
-    assert scale > 1e-8
-    torch.testing.assert_close(fwd.values, per.values, rtol=0, atol=1e-12 * scale)
-    for attr in (fwd, per):
-        c = attr.completeness
-        assert abs(float(c.measured.sum() - c.attributed.sum())) <= 1e-10 * float(c.measured.abs().sum())
+    assert_paths_agree(fwd, per, "train_grads", ("jvp", "per_example"), atol=1e-12, complete=1e-10)
     with pytest.raises(ValueError, match="train_grads"):
         explain(traj, test, by=("train",), train_grads="fast", progress=False)
 
@@ -409,13 +414,7 @@ def test_per_query_jvp_equals_per_query_gradients(tmp_path, act_fn):
         kw = dict(by=by, metric=metric, components="head", dtype=torch.float64, tol=1e-10, progress=False)
         fwd = explain(traj, test, query_grads="jvp", **kw)
         grd = explain(traj, test, query_grads="grad", **kw)
-        assert (fwd.meta["query_grads"], grd.meta["query_grads"]) == ("jvp", "grad")
-        scale = float(grd.values.abs().max())
-        assert scale > 1e-8
-        torch.testing.assert_close(fwd.values, grd.values, rtol=0, atol=1e-10 * scale)
-        for attr in (fwd, grd):
-            c = attr.completeness
-            assert float((c.measured - c.attributed).abs().max()) <= 1e-8 * float(c.measured.abs().max())
+        assert_paths_agree(fwd, grd, "query_grads", ("jvp", "grad"), atol=1e-10, complete=1e-8)
     if act_fn == "relu":
         assert fwd.meta["kinks"] > 0
     with pytest.raises(ValueError, match="query_grads"):
