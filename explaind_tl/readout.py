@@ -175,14 +175,18 @@ class Readout:
         n_pos = tokens.shape[1]
         pos = self.position % n_pos
         tok = tokens[:, : pos + 1]
-        x = p["embed.W_E"][tok] + p["pos_embed.W_pos"][: pos + 1]
+        # layer-0 attention from the (token, position) table when it is smaller than the batch;
+        # then a one-layer model reads the embedded residual at the read-out position only
+        table = p["embed.W_E"].shape[0] * tok.shape[1] <= tok.numel()
+        resid_tok = tok[:, -1:] if table and cfg.n_layers == 1 else tok
+        x = p["embed.W_E"][resid_tok] + p["pos_embed.W_pos"][pos + 1 - resid_tok.shape[1] : pos + 1]
         store: list | None = [] if preacts else None
         per_layer = n_pos * cfg.d_mlp
         for layer in range(cfg.n_layers):
             last = layer == cfg.n_layers - 1
-            if layer == 0 and p["embed.W_E"].shape[0] * tok.shape[1] <= tok.numel():
-                table = p["embed.W_E"][:, None] + p["pos_embed.W_pos"][None, : pos + 1]  # [d_vocab, pos, d_model]
-                x_attn = self._attention(p, 0, self._norm(p, "blocks.0.ln1", table), last, tok)
+            if layer == 0 and table:
+                every = p["embed.W_E"][:, None] + p["pos_embed.W_pos"][None, : pos + 1]  # [d_vocab, pos, d_model]
+                x_attn = self._attention(p, 0, self._norm(p, "blocks.0.ln1", every), last, tok)
             else:
                 x_attn = self._attention(p, layer, self._norm(p, f"blocks.{layer}.ln1", x), last)
             x = (x[:, -1:] if last else x) + x_attn

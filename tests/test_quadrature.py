@@ -1,0 +1,68 @@
+"""The quadrature's pure functions against closed forms and numpy (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from explaind_tl.quadrature import gauss_legendre, kink_pieces, kink_points, lagrange_integrals
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_gauss_legendre_is_exact_up_to_degree_2n_minus_1(n):
+    t, w = gauss_legendre(n)
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-15)
+    for degree in range(2 * n):
+        assert float((w * t**degree).sum()) == pytest.approx(1.0 / (degree + 1), abs=1e-14)
+    # and not beyond: degree 2n is integrated with an error
+    assert abs(float((w * t ** (2 * n)).sum()) - 1.0 / (2 * n + 1)) > 1e-6
+
+
+def test_kink_points_find_the_interpolant_roots():
+    g = np.random.default_rng(0)
+    t_nodes, _ = gauss_legendre(2)
+    t = torch.cat([torch.zeros(1, dtype=torch.float64), t_nodes, torch.ones(1, dtype=torch.float64)])
+    # cubic pre-activations with one known root in (0, 1) each: z(t) = (t - r) (a + b t + c t^2)
+    roots = g.uniform(0.02, 0.98, size=(3, 5))
+    coef = g.uniform(0.5, 1.5, size=(3, 5, 3)) * np.where(g.random((3, 5, 1)) < 0.5, -1.0, 1.0)
+    tt = t.numpy()[None, :, None]
+    z = (tt - roots[:, None, :]) * (coef[:, None, :, 0] + coef[:, None, :, 1] * tt * 0.1 + coef[:, None, :, 2] * tt**2 * 0.1)
+    q, u, t_star, on = kink_points(t, torch.from_numpy(z))
+    assert len(q) == 15  # every unit of every query switches once
+    np.testing.assert_allclose(t_star.numpy(), roots[q.numpy(), u.numpy()], rtol=0, atol=1e-13)
+    z_end = torch.from_numpy(z[:, -1, :])
+    assert torch.equal(on, z_end[q, u] > 0)
+
+
+def test_kink_pieces_integrate_piecewise_polynomials_exactly():
+    """Two pieces of one query and one of another: the weights integrate each piece exactly."""
+    n = 3
+    t, _ = gauss_legendre(n)
+    g = torch.Generator().manual_seed(1)
+    # query 0 has kinks at 0.3 (unit 4 on) and 0.7 (unit 9 off); query 1 at 0.55 (unit 2 on)
+    q = torch.tensor([0, 0, 1])
+    u = torch.tensor([4, 9, 2])
+    t_star = torch.tensor([0.3, 0.7, 0.55], dtype=torch.float64)
+    on = torch.tensor([True, False, True])
+    kp = kink_pieces(t, q, u, t_star, on)
+    assert kp.query.tolist() == [0, 0, 0, 1, 1]
+    bounds = [(0.0, 0.3), (0.3, 0.7), (0.7, 1.0), (0.0, 0.55), (0.55, 1.0)]
+    for row, (lo, hi) in enumerate(bounds):
+        c = torch.randn(n, generator=g, dtype=torch.float64)  # a polynomial of degree n - 1 per piece
+        values = sum(c[k] * t**k for k in range(n))
+        exact = sum(float(c[k]) * (hi ** (k + 1) - lo ** (k + 1)) / (k + 1) for k in range(n))
+        assert float((kp.weights[row] * values).sum()) == pytest.approx(exact, abs=1e-14)
+    # forced states: every kinked unit of a query is forced in each of its pieces, consistently
+    forced = {(int(r), int(v)): bool(o) for r, v, o in zip(kp.force_row, kp.force_unit, kp.force_on)}
+    assert forced == {
+        (0, 4): False, (0, 9): True, (1, 4): True, (1, 9): True, (2, 4): True, (2, 9): False,
+        (3, 2): False, (4, 2): True,
+    }
+
+
+def test_lagrange_integrals_sum_to_interval_length():
+    t, _ = gauss_legendre(4)
+    lo = torch.tensor([0.0, 0.2, 0.9], dtype=torch.float64)
+    hi = torch.tensor([1.0, 0.5, 0.95], dtype=torch.float64)
+    torch.testing.assert_close(lagrange_integrals(t, lo, hi).sum(1), hi - lo, rtol=0, atol=1e-15)
