@@ -181,12 +181,8 @@ class QueryFunction:
             return None
         ref = self.cert_model if self.cert_dtype == torch.float64 else frozen_copy(self.model, torch.float64, self.device)
         p64 = None if params is None else {k: v.to(self.device, torch.float64) for k, v in params.items()}
-        err = self.readout.check(ref, tokens.to(self.device), p64)
+        err = _compare_readout(self.readout, ref, tokens.to(self.device), p64, tol, strict, "this model")
         if not err <= tol:
-            msg = f"read-out forward differs from TransformerLens by {err:.1e} (relative) on this model"
-            if strict:
-                raise RuntimeError(msg + "; rerun explain(..., fast_forward=False)")
-            warnings.warn(msg + "; using TransformerLens's forward instead", stacklevel=3)
             self.readout = self.cert_readout = None
         return err
 
@@ -351,6 +347,18 @@ class QueryFunction:
         return vmap(jacrev(f), in_dims=(None, 0))(params, batch)
 
 
+def _compare_readout(readout: Readout, reference: nn.Module, tokens: Tensor, params: Params | None, tol: float,
+                     strict: bool, what: str) -> float:
+    """:meth:`Readout.check`; above ``tol`` raise (``strict``) or warn. Returns the difference."""
+    err = readout.check(reference, tokens, params)
+    if not err <= tol:
+        msg = f"read-out forward differs from TransformerLens by {err:.1e} (relative) on {what}"
+        if strict:
+            raise RuntimeError(msg + "; rerun explain(..., fast_forward=False)")
+        warnings.warn(msg + "; using TransformerLens's forward instead", stacklevel=4)
+    return err
+
+
 KINK_MASK = "__kink_mask__"  # batch key: [B, U] bool, which ReLU units are forced
 KINK_ON = "__kink_on__"  # batch key: [B, U] bool, their forced state
 
@@ -394,10 +402,9 @@ class LossFunction:
         :meth:`QueryFunction.check_readout`); switch it off with a warning above ``tol``."""
         if self.readout is None:
             return None
-        err = self.readout.check(frozen_copy(self.model, torch.float64, self.device), tokens.to(self.device))
+        ref = frozen_copy(self.model, torch.float64, self.device)
+        err = _compare_readout(self.readout, ref, tokens.to(self.device), None, tol, False, "the training loss")
         if not err <= tol:
-            warnings.warn(f"read-out forward differs from TransformerLens by {err:.1e} (relative) on the training loss; "
-                          "using TransformerLens's forward instead", stacklevel=3)
             self.readout = None
         return err
 
