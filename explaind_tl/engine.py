@@ -67,6 +67,8 @@ QUERY_GRADS = {"auto": 64, "jvp": 2**62, "grad": 0}
 SETTLED = 0.1
 # ... or once two doublings in a row shrink the worst residual/bound ratio by less than this factor
 STALLED = 0.7
+# a step whose worst residual is below this fraction of its bound lets the next start with fewer nodes
+COMFORTABLE = 0.1
 
 
 # --------------------------------------------------------------------------- queries
@@ -184,6 +186,7 @@ class _Engine:
         fast_forward: bool = True,
         jvp_tangents: int = 12,
         directional: bool = False,
+        adaptive_nodes: bool = True,
     ) -> None:
         self.traj = trajectory
         self.plan = plan
@@ -191,6 +194,9 @@ class _Engine:
         self.device = device
         self.tol = tol
         self.nodes = nodes
+        self.adaptive_nodes = adaptive_nodes
+        self.start_nodes: dict[int, int] = {}  # query chunk -> nodes its next step starts with
+        self.cooldown: dict[int, tuple[int, int]] = {}  # query chunk -> (steps to wait, next wait)
         self.max_nodes = max_nodes
         # replay the next segment in a background thread when there is a core to spare
         self.prefetch = torch.get_num_threads() > 1
@@ -431,11 +437,11 @@ class _Engine:
         phi = torch.zeros(plan.n_rows, width, dtype=torch.float64, device=self.device)
         measured = torch.zeros(plan.n_rows, dtype=torch.float64)
         attributed = torch.zeros(plan.n_rows, dtype=torch.float64)
-        n_max = self.nodes
+        n_max = 0
         for idx in self.chunks():
             rs = self.row_slice(idx)
             meas = plan.rows(q1[0][idx], idx) - plan.rows(q0[0][idx], idx)
-            n = self.nodes
+            n0 = n = self.start_nodes.get(int(idx[0]), self.nodes)
             att_prev, worst_prev, stalls = None, math.inf, 0
             while True:
                 self.kinks_seen[s] = 0
@@ -461,6 +467,9 @@ class _Engine:
                     break
                 att_prev, worst_prev = att, worst
                 n *= 2
+            if self.adaptive_nodes:
+                margin = float((res / bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
+                self._adapt_start(int(idx[0]), n0, n, margin)
             n_max = max(n_max, n)
             phi[rs] += part
             measured[rs] += meas.cpu()
@@ -469,6 +478,30 @@ class _Engine:
         self.step_measured[s] = measured
         self.step_attributed[s] = attributed
         return phi
+
+    def _adapt_start(self, key: int, n0: int, n: int, margin: float) -> None:
+        """Step control for the nodes a chunk's next step starts with (like an ODE solver's).
+
+        After a comfortable pass (worst residual below ``COMFORTABLE`` of its bound) at the
+        starting count, the next step tries half as many nodes (down to 1); a step that needed
+        refinement sends the next back to ``nodes``. A failed try at fewer nodes doubles the
+        number of comfortable steps to wait before the next try (up to 64), so a regime where
+        fewer nodes do not suffice costs little.
+        """
+        cool, wait = self.cooldown.get(key, (0, 1))
+        if n > n0:  # refined
+            if n0 < self.nodes:  # a try at fewer nodes failed: back off
+                wait = min(2 * wait, 64)
+                cool = wait
+            self.start_nodes[key] = self.nodes
+        elif margin < COMFORTABLE:
+            if n0 < self.nodes:
+                wait = 1  # fewer nodes work here
+            if cool > 0:
+                cool -= 1
+            else:
+                self.start_nodes[key] = max(1, n0 // 2)
+        self.cooldown[key] = (cool, wait)
 
     # ---------------------------------------------------------- optimizer algebra
     def coefficients(self, rec):
@@ -824,6 +857,7 @@ def explain(
     fast_forward: bool = True,
     train_grads: str = "auto",
     query_grads: str = "auto",
+    adaptive_nodes: bool = True,
 ):
     """Rewrite the trained model's output change exactly as a sum over steps, components, examples.
 
@@ -845,7 +879,10 @@ def explain(
         steps: window ``(a, b)``: explain ``q(w_b) - q(w_a)``; default the whole run.
         step_bins: width of step bins on the step axis (``None``: one bin per step).
         position: token position the built-in metrics read (last by default).
-        nodes: Gauss–Legendre nodes per smooth piece to start with.
+        nodes: Gauss–Legendre nodes per smooth piece to start a step with.
+        adaptive_nodes: after a step met its certificate at its starting count with a 10x margin,
+            start the next with half as many nodes (down to 1); after a step that needed
+            refinement, start again from ``nodes``. Every step is still certified to ``tol``.
         max_nodes: cap for adaptive refinement.
         kink_aware: cut segments where ReLU pre-activations change sign (``"auto"``: when the
             model has observable ReLUs).
@@ -972,7 +1009,7 @@ def explain(
     engine = _Engine(
         trajectory, batch, metric_fn, plan, cmap, dtype, device, tol, nodes, max_nodes, kink, query_chunk, train_chunk,
         position=None if callable(metric) else position, fast_forward=fast_forward, jvp_tangents=TRAIN_GRADS[train_grads],
-        directional=directional,
+        directional=directional, adaptive_nodes=adaptive_nodes,
     )
     acc = torch.zeros(n_bins, plan.n_rows, engine.n_comp, len(x_labels), dtype=torch.float64)
     resume = None
@@ -1027,6 +1064,7 @@ def explain(
         "tol": tol,
         "nodes": nodes,
         "max_nodes": max_nodes,
+        "adaptive_nodes": adaptive_nodes,
         "kink_aware": engine.kink_aware,
         "forward": "readout" if engine.qf.readout is not None else "model",
         "query_grads": ("jvp" if directional else "grad") if plan.resolve_query and clock == "realized" else None,

@@ -421,6 +421,27 @@ def test_per_query_jvp_equals_per_query_gradients(tmp_path, act_fn):
         explain(traj, test, by=("query",), query_grads="fast", progress=False)
 
 
+def test_adaptive_nodes_keep_every_step_certified(tmp_path):
+    """Step control may start steps with one node; every step still meets the tolerance."""
+    train, test = modular_data()
+    model = tiny_transformer("relu", seed=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    with TrajectoryRecorder(model, opt, tmp_path / "run", train, ce_loss, checkpoint_every=10) as rec:
+        for _ in range(24):
+            rec.step(None)
+    traj = Trajectory.load(tmp_path / "run", loss_fn=ce_loss)
+    tol = 1e-5
+    kw = dict(by=("step", "component"), components="head", dtype=torch.float64, tol=tol, progress=False)
+    adaptive, fixed = explain(traj, test, **kw), explain(traj, test, adaptive_nodes=False, **kw)
+    assert 1 in adaptive.completeness.nodes.tolist()  # some step got away with one node
+    assert min(fixed.completeness.nodes.tolist()) == 2
+    for attr in (adaptive, fixed):
+        c = attr.completeness
+        assert bool((c.step_residual.abs() <= tol * c.step_measured.abs() + 1e-15).all())
+    scale = float(fixed.values.abs().sum())
+    assert float((adaptive.values - fixed.values).abs().sum()) <= 2 * tol * scale
+
+
 def test_question_helpers(gelu_run):
     from explaind_tl import component_influence, data_vs_weight_decay, top_training_examples
 
