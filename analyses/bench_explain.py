@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"AdamW lr {cfg.lr} wd {cfg.weight_decay} betas {tuple(cfg.betas)}, full batch; threads={args.threads}; {load_str()}")
         traj, wall, cpu = record_run(cfg, train, tmp / "run", total, args.checkpoint_every)
         plain = None if args.skip_plain else plain_loop(cfg, train, args.steps)
-        rows = [bench_ratio(traj, test, (0, args.steps), sum(wall[: args.steps]), sum(cpu[: args.steps]), plain, "early window")]
+        rows = [bench_ratio(traj, test, (0, args.steps), sum(wall[: args.steps]), sum(cpu[: args.steps]), plain, "early window" if late else "window")]
         if late:
             w = (late - args.steps, late)
             rows.append(bench_ratio(traj, test, w, sum(wall[w[0] : w[1]]), sum(cpu[w[0] : w[1]]), None, "late window"))
