@@ -202,8 +202,6 @@ class _Engine:
         self.prefetch = torch.get_num_threads() > 1
         self.query_chunk = query_chunk
         self.train_chunk = train_chunk
-        # data entries by forward-mode derivatives when rows x components <= jvp_tangents
-        self.jvp_tangents = jvp_tangents
         self.jvp_chunk = train_chunk  # activations of a chunk are what the jvp holds: memory flat in N_train
         self.batch = {k: v.to(device) for k, v in batch.items()}
         model = trajectory.model()
@@ -220,7 +218,7 @@ class _Engine:
         if "tokens" in self.batch:
             self.readout_error = self.qf.check_readout(self.batch["tokens"][:64])
         else:
-            self.qf.readout = None
+            self.qf.readout = self.qf.cert_readout = None
         self.kink_aware = kink_aware and self.qf.has_kinks
         self.unit_filter = self.unit_index = None
         if self.kink_aware and "tokens" in self.batch:
@@ -239,9 +237,9 @@ class _Engine:
         # per-query rows on the realized clock: forward-mode derivatives along each (update vector,
         # component) instead of per-query gradients
         self.directional = directional
-        if self.directional and self.flat_index is not None:
-            self.onehot = torch.zeros(self.n_comp, self.layout.numel, dtype=torch.float64, device=device)
-            self.onehot[self.flat_index, torch.arange(self.layout.numel, device=device)] = 1.0
+        # train axis: data entries by forward-mode derivatives when rows x components are few
+        self.train_jvp = plan.n_rows * self.n_comp <= jvp_tangents
+        self._onehot: Tensor | None = None
         self._lossf: LossFunction | None = None
         self.nodes_used: dict[int, int] = {}
         self.kinks_seen: dict[int, int] = {}
@@ -264,6 +262,16 @@ class _Engine:
         if self.flat_index is None:
             return prod.sum(-1, keepdim=True)
         return self.cmap.reduce_flat(prod)
+
+    def per_component(self, V: Float[Tensor, "vector param"]) -> Float[Tensor, "tangent param"]:
+        """Each vector restricted to each component, ``[X * C, P]`` (vector-major); ``V`` itself
+        without a component axis."""
+        if self.flat_index is None:
+            return V
+        if self._onehot is None:
+            self._onehot = torch.zeros(self.n_comp, self.layout.numel, dtype=torch.float64, device=self.device)
+            self._onehot[self.flat_index, torch.arange(self.layout.numel, device=self.device)] = 1.0
+        return (V[:, None, :] * self._onehot[None].to(V.dtype)).reshape(-1, V.shape[1])
 
     def flat64(self, d: Params) -> Tensor:
         return self.layout.flatten({k: v.to(self.device) for k, v in d.items()}, dtype=torch.float64)
@@ -544,9 +552,7 @@ class _Engine:
                     vectors, H, Rb = vectors
                 k = plan.bin_of(s)
                 if self.directional:
-                    V = torch.stack(vectors)  # [X, P]
-                    if self.flat_index is not None:  # one tangent per (vector, component)
-                        V = (V[:, None, :] * self.onehot[None]).reshape(-1, V.shape[1])
+                    V = self.per_component(torch.stack(vectors))  # one tangent per (vector, component)
                     vals = self.phi(s, rec.params, rec.next_params, q0, q1, vectors=V)  # [R, X*C]
                     acc[k] += vals.reshape(vals.shape[0], len(vectors), self.n_comp).transpose(1, 2).cpu()
                 else:
@@ -691,21 +697,15 @@ class _Engine:
     ) -> Iterator[tuple[Tensor, Float[Tensor, "row component chunk"]]]:
         """``<G_r|_c, ∇ℓ(x_i; w_s)>`` for the training examples ``ids``, chunk by chunk.
 
-        Yields ``(chunk ids, entries [R, C, b])``. With few tangents (rows x components, at most
-        ``self.jvp_tangents``) the entries are forward-mode directional derivatives of the
+        Yields ``(chunk ids, entries [R, C, b])``. With few tangents (rows x components,
+        ``self.train_jvp``) the entries are forward-mode directional derivatives of the
         per-example losses, so no ``b x P`` per-example gradients are formed; otherwise
         per-example gradients are materialised and contracted.
         """
         lossf = self.loss_function()
-        R, C = G.shape[0], self.n_comp if perm is not None else 1
-        if R * C <= self.jvp_tangents:
-            if perm is None:
-                tangents = G
-            else:
-                onehot = torch.zeros(C, G.shape[1], dtype=G.dtype, device=G.device)
-                onehot[self.flat_index, torch.arange(G.shape[1], device=G.device)] = 1.0
-                tangents = (G[:, None, :] * onehot[None]).reshape(R * C, -1)
-            tangents = self.layout.unflatten(tangents.to(self.dtype))
+        R, C = G.shape[0], self.n_comp
+        if self.train_jvp:
+            tangents = self.layout.unflatten(self.per_component(G).to(self.dtype))
             for start in range(0, len(ids), self.jvp_chunk):
                 cid = ids[start : start + self.jvp_chunk]
                 tb = {kk: v.to(self.device) for kk, v in self.traj.batch(cid).items()}
@@ -1068,9 +1068,7 @@ def explain(
         "kink_aware": engine.kink_aware,
         "forward": "readout" if engine.qf.readout is not None else "model",
         "query_grads": ("jvp" if directional else "grad") if plan.resolve_query and clock == "realized" else None,
-        "train_grads": ("jvp" if plan.n_rows * engine.n_comp <= TRAIN_GRADS[train_grads] else "per_example")
-        if clock == "seen"
-        else None,
+        "train_grads": ("jvp" if engine.train_jvp else "per_example") if clock == "seen" else None,
         "readout_error": engine.readout_error,
         "kinks": int(sum(engine.kinks_seen.values())),
         "replay_mismatch": max((d for c, d in trajectory.replay_mismatch.items() if a < c <= b), default=0.0),
