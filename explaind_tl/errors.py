@@ -29,3 +29,20 @@ class ModelMismatchError(TrajectoryError, ValueError):
 
 class QueryError(ExplaindError, ValueError):
     """Queries are empty, malformed or out of vocabulary."""
+
+
+class CertificateWarning(ExplaindError, UserWarning):
+    """Some steps of an attribution missed their completeness bound (see ``Completeness.ok``)."""
+
+
+class CertificateError(ExplaindError, ArithmeticError):
+    """``explain(..., strict=True)``: some steps missed their completeness bound.
+
+    Attributes:
+        attribution: the finished :class:`explaind_tl.Attribution`, certificate included, for
+            inspection (``attribution.completeness.failed_steps``).
+    """
+
+    def __init__(self, message: str, attribution=None) -> None:
+        super().__init__(message)
+        self.attribution = attribution

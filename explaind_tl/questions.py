@@ -26,7 +26,7 @@ def component_influence(
     """Influence of components on the metric over time: ``Attribution[component, step]``.
 
     Args:
-        trajectory: a recorded run.
+        trajectory: a recorded run or its run directory (see :func:`explain`).
         queries: the query set (see :func:`explain`).
         component: a label such as ``"L0H2"`` (or a list) to keep; ``None`` keeps all.
         components: granularity or ``ComponentMap`` (default ``"head"``).
@@ -47,7 +47,7 @@ def top_training_examples(
     """The ``k`` training examples with the largest influence through ``component``.
 
     Args:
-        trajectory: a recorded run.
+        trajectory: a recorded run or its run directory (see :func:`explain`).
         queries: the query set.
         component: component label, e.g. ``"L0H2"``.
         k: how many examples.
@@ -76,6 +76,13 @@ def data_vs_weight_decay(
     trajectory, queries: Any, components: Any = "head", step_bins: int | None = 100, **kwargs: Any,
 ) -> pd.DataFrame:
     """Per component and step window: the data, history, weight-decay and other sources.
+
+    Args:
+        trajectory: a recorded run or its run directory (see :func:`explain`).
+        queries: the query set.
+        components: granularity or ``ComponentMap``.
+        step_bins: width of step bins.
+        **kwargs: passed to :func:`explain`.
 
     Returns:
         Wide DataFrame indexed by ``(component, step)`` with one column per source

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from explaind_tl import Trajectory, TrajectoryRecorder, explain
-from explaind_tl.errors import QueryError
+from explaind_tl.errors import CertificateWarning, QueryError
 
 P_MOD = 7
 
@@ -283,7 +283,9 @@ def test_relu_kink_aware_meets_tolerance(tmp_path):
     # both are certified to tol per step, so they agree to that order
     torch.testing.assert_close(per_q.values.sum(0), attr.values, rtol=0, atol=2 * tol * float(attr.values.abs().max()))
     # without kink handling the same fixed rule is measurably worse on this ReLU run
-    plain = explain(traj, test, by=("step",), dtype=torch.float64, kink_aware=False, nodes=2, max_nodes=2, progress=False)
+    with pytest.warns(CertificateWarning, match="kink_aware"):  # and it says so
+        plain = explain(traj, test, by=("step",), dtype=torch.float64, kink_aware=False, nodes=2, max_nodes=2, progress=False)
+    assert plain.completeness.ok is False and c.ok is True
     err_plain = float((plain.completeness.step_residual).abs().sum())
     err_kink = float(c.step_residual.abs().sum())
     assert err_kink < err_plain
