@@ -180,16 +180,45 @@ def kink_pieces(
     lo = torch.where(piece > 0, t_star[(first + piece - 1).clamp(min=0, max=len(t_star) - 1)], torch.zeros(m_rows, dtype=torch.float64))
     hi = torch.where(piece < kq, t_star[(first + piece).clamp(max=len(t_star) - 1)], torch.ones(m_rows, dtype=torch.float64))
     weights = lagrange_integrals(t, lo, hi)
-    # forced states: every kink of a query, in every piece of that query
+    # forced states: each switching unit is forced in every piece of its query, by the kink that
+    # governs that piece: the unit's last switch before the piece, or (before its first switch)
+    # the opposite of its first switch. A unit that switches more than once therefore gets one
+    # consistent state per piece (off-on-off, ...), never two.
     kink_owner = torch.repeat_interleave(torch.arange(len(uq)), k)  # kinked-query id per kink
-    rank = torch.arange(len(q)) - kink_start[kink_owner]
+    rank = torch.arange(len(q)) - kink_start[kink_owner]  # position of the kink in its query
+    first_of_unit, last_piece = _unit_neighbours(kink_owner, u, rank, k[kink_owner])
     reps = n_pieces[kink_owner]
     f_kink = torch.repeat_interleave(torch.arange(len(q)), reps)
     f_piece = torch.arange(int(reps.sum())) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
+    # kink i (rank r) governs the pieces r + 1 .. (the next switch of its unit), and pieces 0 .. r
+    # too when it is its unit's first switch
+    lo_piece = torch.where(first_of_unit, 0, rank + 1)[f_kink]
+    keep = (f_piece >= lo_piece) & (f_piece <= last_piece[f_kink])
+    f_kink, f_piece = f_kink[keep], f_piece[keep]
     f_row = row_start[kink_owner[f_kink]] + f_piece
     after = f_piece > rank[f_kink]
     f_on = after == turns_on[f_kink]
     return KinkPieces(query=row_q, weights=weights, force_row=f_row, force_unit=u[f_kink], force_on=f_on)
+
+
+def _unit_neighbours(
+    owner: Int[Tensor, "kink"], unit: Int[Tensor, "kink"], rank: Int[Tensor, "kink"], n_kinks: Int[Tensor, "kink"]
+) -> tuple[Bool[Tensor, "kink"], Int[Tensor, "kink"]]:
+    """For kinks sorted by (query, t*): whether each is its unit's first switch in its query, and
+    the last piece it governs (the rank of the unit's next switch, or the query's last piece)."""
+    key = (owner * (int(unit.max()) + 1) + unit) * (int(rank.max()) + 1) + rank
+    order = torch.argsort(key)
+    so, su = owner[order], unit[order]
+    same_prev = torch.zeros(len(order), dtype=torch.bool)
+    same_prev[1:] = (so[1:] == so[:-1]) & (su[1:] == su[:-1])
+    first = torch.empty_like(same_prev)
+    first[order] = ~same_prev
+    nxt = n_kinks[order].clone()  # pieces of a query with k kinks are 0..k
+    same_next = same_prev[1:]
+    nxt[:-1] = torch.where(same_next, rank[order][1:], nxt[:-1])
+    last = torch.empty_like(nxt)
+    last[order] = nxt
+    return first, last
 
 
 def residual_tolerance(
