@@ -153,6 +153,14 @@ def test_pipeline_writes_report(study):
     claims = pd.read_csv(out / "claims.csv")
     assert len(claims) >= 8 and set(claims["verdict"]) <= {"reproduced", "not reproduced", "not run"}
     assert (claims["verdict"] != "not run").sum() >= 5
+    # every verdict counted, in the summary and the report alike
+    from analyses.grokking.claims import count_verdicts, verdict_line
+
+    line = verdict_line(count_verdicts(claims["verdict"]))
+    assert study.summary["claims"] == line and f"**{line}.**" in report
+    # the alignment claim is decided from the saved per-query attributions, with its bootstrap
+    align = claims[claims["claim"].str.contains("aligned late")].iloc[0]
+    assert align["verdict"] != "not run" and "bootstrap std" in align["evidence"]
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
     for f in ("curves.png", "progress_measures.png", "heatmap_test.png", "cumulative_test.png", "swap.png", "alignment.png"):
         assert f in figs

@@ -11,6 +11,8 @@ Pipeline (``explaind-tl grokking`` runs all of it, :func:`run_study` is the Pyth
 * :mod:`.alignment` — per-query influence alignment within step windows, and the swap
   experiment (final outer layers around the step-``s`` inner pipeline).
 * :mod:`.report` — ``report.md`` with figures and a claims table.
+* :mod:`.claims` — the rule of every claim (thresholds and why) as pure functions, and the
+  verdict count (reproduced / not reproduced / not run).
 
 Submodules are imported lazily so that importing the package stays cheap.
 """

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .claims import rule_excluded_loss_rises, rule_restricted_loss_falls
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -275,9 +277,10 @@ def phase_checks(phases: Phases, measures: pd.DataFrame) -> dict[str, Any]:
 
         * ``restricted_falls_before_cleanup``: restricted loss at ``t_clean`` is below half of
           its value at ``t_mem`` (the Fourier circuit forms during circuit formation, before
-          test accuracy moves much).
+          test accuracy moves much; :func:`.claims.rule_restricted_loss_falls`).
         * ``excluded_rises``: excluded (train) loss at ``t_clean`` exceeds its value at
-          ``t_mem`` (the memorising parts are being replaced).
+          ``t_mem`` (the memorising parts are being replaced;
+          :func:`.claims.rule_excluded_loss_rises`).
         * ``weight_norm_falls``: weight norm at the end is below its value at ``t_mem``.
         * ``weight_norm_fastest_in``: phase with the steepest weight-norm decrease per step.
     """
@@ -292,12 +295,10 @@ def phase_checks(phases: Phases, measures: pd.DataFrame) -> dict[str, Any]:
     for col in ("restricted_loss", "excluded_loss", "full_loss", "weight_norm", "key_fourier_frac"):
         for tag, s in named.items():
             out[f"{col}@{tag}"] = _at(measures, s, col)
-    r_mem, r_clean = out["restricted_loss@mem"], out["restricted_loss@clean"]
-    out["restricted_falls_before_cleanup"] = (
-        None if r_mem is None or r_clean is None else bool(r_clean < 0.5 * r_mem)
+    out["restricted_falls_before_cleanup"] = rule_restricted_loss_falls(
+        out["restricted_loss@mem"], out["restricted_loss@clean"]
     )
-    e_mem, e_clean = out["excluded_loss@mem"], out["excluded_loss@clean"]
-    out["excluded_rises"] = None if e_mem is None or e_clean is None else bool(e_clean > e_mem)
+    out["excluded_rises"] = rule_excluded_loss_rises(out["excluded_loss@mem"], out["excluded_loss@clean"])
     w_mem, w_end = out["weight_norm@mem"], out["weight_norm@end"]
     out["weight_norm_falls"] = None if w_mem is None else bool(w_end < w_mem)
     slopes = {}

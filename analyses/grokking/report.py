@@ -12,9 +12,32 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .claims import (
+    ALIGN_BOOT,
+    ALIGN_Z,
+    EXACT_TOL,
+    RESTRICTED_DROP,
+    SWAP_ACC,
+    WD_MIN_SHARE,
+    Claim,
+    bootstrap_alignment_change,
+    count_verdicts,
+    rule_alignment_grows,
+    rule_exact,
+    rule_excluded_loss_rises,
+    rule_grokking,
+    rule_outer_layers_dominate,
+    rule_restricted_loss_falls,
+    rule_swap,
+    rule_weight_decay_drives_cleanup,
+    rule_weight_norm,
+    verdict,
+    verdict_line,
+    weight_decay_share,
+)
 
 __all__ = ["Claim", "evaluate_claims", "write_report"]
 
@@ -24,17 +47,6 @@ PHASE_COLORS = {
     "cleanup": "#d9ead3",
     "post_grokking": "#cfe2f3",
 }
-
-
-@dataclass
-class Claim:
-    """One row of the claims table."""
-
-    claim: str
-    source: str
-    rule: str
-    evidence: str
-    verdict: str  # "reproduced" | "not reproduced" | "not run"
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,123 +244,131 @@ def _f(x: Any, nd: int = 3) -> str:
     return str(x)
 
 
-def _verdict(ok: bool | None) -> str:
-    return "not run" if ok is None else ("reproduced" if ok else "not reproduced")
-
-
 def _first_step(df, col: str, thr: float) -> int | None:
     hit = df.loc[df[col] >= thr, "step"]
     return None if hit.empty else int(hit.iloc[0])
 
 
+def _query_vectors(attr) -> Any:
+    """``[Q, C * S]`` per-query influence vectors of an alignment window (components concatenated)."""
+    t = attr.transpose("component", "query", "step")
+    return t.values.permute(1, 0, 2).reshape(t.values.shape[1], -1)
+
+
 def evaluate_claims(d: dict[str, Any]) -> list[Claim]:
-    """The claims table from the loaded study files (see the module docstring)."""
+    """The claims table from the loaded study files (see the module docstring).
+
+    Every verdict comes from a rule in :mod:`.claims` applied to numbers read here.
+    """
     ph = d["phases"].get("phases", {})
     ck = d["phases"].get("checks", {})
-    t_mem, t_clean, t_gen, end = (ph.get(k) for k in ("memorisation_end", "cleanup_start", "generalisation", "end"))
+    t_mem, t_gen = ph.get("memorisation_end"), ph.get("generalisation")
     claims: list[Claim] = []
 
-    ok = None if t_mem is None else (t_gen is not None and (t_gen - t_mem) > t_mem)
     claims.append(Claim(
         "Memorisation precedes generalisation (grokking)", "Power et al. 2022",
         "train acc >= 99% at t_mem; test acc >= 99% at t_gen; delay t_gen - t_mem > t_mem",
         f"t_mem = {_f(t_mem)}, t_gen = {_f(t_gen)}, test acc at t_mem = {_f(ph.get('test_acc_plateau'))}",
-        _verdict(ok)))
+        verdict(rule_grokking(t_mem, t_gen))))
 
     r_mem, r_clean = ck.get("restricted_loss@mem"), ck.get("restricted_loss@clean")
     claims.append(Claim(
         "The generalising (Fourier) circuit forms before test accuracy rises", "Nanda et al. 2023",
-        "restricted loss at t_clean < 0.5 x restricted loss at t_mem",
+        f"restricted loss at t_clean < {RESTRICTED_DROP:g} x restricted loss at t_mem",
         f"restricted loss {_f(r_mem)} at t_mem -> {_f(r_clean)} at t_clean (test loss at t_clean "
         f"{_f(ck.get('full_loss@clean'))}); key-frequency share of W_E {_f(ck.get('key_fourier_frac@mem'))} -> "
         f"{_f(ck.get('key_fourier_frac@clean'))}",
-        _verdict(ck.get("restricted_falls_before_cleanup"))))
+        verdict(rule_restricted_loss_falls(r_mem, r_clean))))
 
+    e_mem, e_clean = ck.get("excluded_loss@mem"), ck.get("excluded_loss@clean")
     claims.append(Claim(
         "Memorising components are removed (excluded loss rises)", "Nanda et al. 2023",
         "excluded (train) loss at t_clean > at t_mem",
-        f"excluded loss {_f(ck.get('excluded_loss@mem'))} at t_mem -> {_f(ck.get('excluded_loss@clean'))} at t_clean",
-        _verdict(ck.get("excluded_rises"))))
+        f"excluded loss {_f(e_mem)} at t_mem -> {_f(e_clean)} at t_clean",
+        verdict(rule_excluded_loss_rises(e_mem, e_clean))))
 
     slopes = ck.get("weight_norm_slope") or {}
-    fastest = ck.get("weight_norm_fastest_in")
-    wn_ok = ck.get("weight_norm_falls")
-    if wn_ok is not None and t_mem is not None:
-        wn_ok = bool(wn_ok and fastest in ("circuit_formation", "cleanup"))
     claims.append(Claim(
         "Weight norm falls after memorisation, fastest during circuit formation/cleanup",
         "Nanda et al. 2023",
         "weight norm at T < at t_mem, and the steepest per-step decrease is in circuit formation or cleanup",
         f"weight norm {_f(ck.get('weight_norm@mem'))} at t_mem -> {_f(ck.get('weight_norm@end'))} at T; "
         "slope per 1k steps: " + ", ".join(f"{k} {1000 * v:+.3g}" for k, v in slopes.items()),
-        _verdict(wn_ok)))
+        verdict(rule_weight_norm(ck.get("weight_norm@mem"), ck.get("weight_norm@end"), slopes))))
 
+    wd_claim = "Weight decay drives cleanup: it raises test performance"
+    wd_rule = (f"over the cleanup phase the mean test log-prob rises and the ExPLAIND weight-decay source "
+               f"carries >= {WD_MIN_SHARE:.0%} of the rise (at least as much as all gradient updates together)")
+    outer_claim = "The final phase aligns the outer layers: embed/unembed influence dominates late"
     ps = d["phase_shares_test"]
     if ps is not None and len(ps):
         late = ps[ps["phase"].isin(["cleanup", "post_grokking", "circuit_formation"])]
         clean = ps[ps["phase"] == "cleanup"]
         if len(clean):
             r = clean.iloc[0]
-            ok = bool(r["weight_decay"] > 0)
-            ev = (f"cleanup: weight-decay influence on mean test log-prob {r['weight_decay']:+.3g} "
-                  f"(data {r['data']:+.3g}; weight decay's share of abs. influence {r['wd_abs_share']:.2f})")
+            wd, change = float(r["weight_decay"]), float(r["change"])
+            ok = rule_weight_decay_drives_cleanup(wd, change)
+            ev = (f"cleanup: mean test log-prob {change:+.3g}; weight decay {wd:+.3g} "
+                  f"({_f(weight_decay_share(wd, change), 2)} of the change), data {r['data']:+.3g}; "
+                  f"weight decay's share of abs. influence {r['wd_abs_share']:.2f}")
         else:
             ok, ev = None, "no cleanup phase"
-        claims.append(Claim(
-            "Weight decay drives cleanup: it raises test performance", "Nanda et al. 2023; ExPLAIND",
-            "ExPLAIND weight-decay source summed over the cleanup phase > 0 (mean test log-prob)",
-            ev, _verdict(ok)))
+        claims.append(Claim(wd_claim, "Nanda et al. 2023; ExPLAIND", wd_rule, ev, verdict(ok)))
 
         g = "share:embed/unembed"
         first = ps.iloc[0]
         if len(late):
             lr = late.iloc[-1] if "cleanup" not in set(late["phase"]) else late[late["phase"] == "cleanup"].iloc[0]
             others = [lr[c] for c in ps.columns if c.startswith("share:") and c != g]
-            ok = bool(lr[g] > first[g] and lr[g] >= max(others))
+            ok = rule_outer_layers_dominate(first[g], lr[g], others)
             ev = (f"embed/unembed share of abs. influence: {first[g]:.2f} in {first['phase']} -> {lr[g]:.2f} "
                   f"in {lr['phase']} (attention {lr['share:attention']:.2f}, mlp {lr['share:mlp']:.2f})")
         else:
             ok, ev = None, "no phase after memorisation"
         claims.append(Claim(
-            "The final phase aligns the outer layers: embed/unembed influence dominates late", "ExPLAIND",
+            outer_claim, "ExPLAIND",
             "embed/unembed share of abs. influence in cleanup (else the last phase) exceeds its memorisation "
             "share and is the largest group",
-            ev, _verdict(ok)))
+            ev, verdict(ok)))
     else:
-        claims.append(Claim("Weight decay drives cleanup: it raises test performance", "Nanda et al. 2023; ExPLAIND",
-                            "needs ExPLAIND (run without --no-explain)", "n/a", "not run"))
-        claims.append(Claim("The final phase aligns the outer layers: embed/unembed influence dominates late",
-                            "ExPLAIND", "needs ExPLAIND", "n/a", "not run"))
+        claims.append(Claim(wd_claim, "Nanda et al. 2023; ExPLAIND", wd_rule + "; needs ExPLAIND (run without --no-explain)",
+                            "n/a", verdict(None)))
+        claims.append(Claim(outer_claim, "ExPLAIND", "needs ExPLAIND", "n/a", verdict(None)))
 
     sw = d["swap"]
     if sw is not None and len(sw):
-        thr = 0.9
-        s_act, s_swap = _first_step(sw, "actual", thr), _first_step(sw, "final_outer", thr)
-        ok = None if s_swap is None else (s_act is None or s_swap < s_act)
+        s_act, s_swap = _first_step(sw, "actual", SWAP_ACC), _first_step(sw, "final_outer", SWAP_ACC)
         claims.append(Claim(
             "The inner pipeline generalises before the outer layers are aligned (swap)", "ExPLAIND",
-            f"first checkpoint with test acc >= {thr:.0%} is earlier for final-outer + step-s-inner than for the step-s model",
+            f"first checkpoint with test acc >= {SWAP_ACC:.0%} is earlier for final-outer + step-s-inner than for "
+            "the step-s model (not run when neither reaches it)",
             f"hybrid {_f(s_swap)} vs model {_f(s_act)}; reverse hybrid (step-s outer + final inner) "
-            f"reaches it at {_f(_first_step(sw, 'final_inner', thr))}",
-            _verdict(ok)))
+            f"reaches it at {_f(_first_step(sw, 'final_inner', SWAP_ACC))}",
+            verdict(rule_swap(s_swap, s_act))))
 
+    align_claim = "Test examples' influence becomes aligned late in training"
+    align_rule = (f"mean pairwise cosine of per-query influence vectors: last window - first window > "
+                  f"{ALIGN_Z:g} x its standard deviation over {ALIGN_BOOT} bootstrap resamples of the queries")
     al = d["alignment"]
     if al is not None and len(al):
         allrows = al[al["component"] == "all"].reset_index(drop=True)
         if len(allrows) >= 2:
             a0, a1 = allrows.iloc[0], allrows.iloc[-1]
-            ok = bool(a1["mean_cosine"] > a0["mean_cosine"])
-            ev = f"mean pairwise cosine (all components) {a0['mean_cosine']:.2f} in {a0['phase']} window -> " \
-                 f"{a1['mean_cosine']:.2f} in {a1['phase']} window"
+            f0, f1 = (d["attr"].get(f"alignment_{r['phase']}") for r in (a0, a1))
+            if f0 is None or f1 is None:
+                ok, ev = None, "per-query alignment attributions missing"
+            else:
+                ch = bootstrap_alignment_change(_query_vectors(f0), _query_vectors(f1))
+                ok = rule_alignment_grows(ch.increase, ch.boot_std)
+                ev = (f"mean pairwise cosine (all components) {ch.first:.2f} in {a0['phase']} window -> "
+                      f"{ch.last:.2f} in {a1['phase']} window: {ch.increase:+.3f}, bootstrap std "
+                      f"{_f(ch.boot_std, 2)}, 95% interval [{_f(ch.lo, 2)}, {_f(ch.hi, 2)}] "
+                      f"({ch.n_boot} resamples of {len(_query_vectors(f0))} queries)")
         else:
             ok, ev = None, "fewer than two windows"
-        claims.append(Claim(
-            "Test examples' influence becomes aligned late in training", "ExPLAIND",
-            "mean pairwise cosine of per-query influence vectors: last window > first window",
-            ev, _verdict(ok)))
+        claims.append(Claim(align_claim, "ExPLAIND", align_rule, ev, verdict(ok)))
     else:
-        claims.append(Claim("Test examples' influence becomes aligned late in training", "ExPLAIND",
-                            "needs ExPLAIND", "n/a", "not run"))
+        claims.append(Claim(align_claim, "ExPLAIND", align_rule + "; needs ExPLAIND", "n/a", verdict(None)))
 
     a = d["attr"].get("components_test")
     if a is not None and a.completeness is not None:
@@ -356,11 +376,11 @@ def evaluate_claims(d: dict[str, Any]) -> list[Claim]:
         rel = s.get("total_rel", s.get("total_max_rel"))
         claims.append(Claim(
             "ExPLAIND is exact: the attribution sums to the output change", "ExPLAIND; DESIGN §1",
-            "relative residual of the total <= 1e-5 (float32 gradients, float64 certificate) and exact replay",
+            f"relative residual of the total <= {EXACT_TOL:g} (float32 gradients, float64 certificate) and exact replay",
             f"total {a.total():+.4g}, relative residual {_f(rel)}, max per-step abs residual "
             f"{_f(s.get('step_max_abs'))}; {s.get('refined_steps')} steps refined beyond "
             f"{a.meta.get('nodes')} nodes (max {s.get('max_nodes')}); replay mismatch {_f(a.meta.get('replay_mismatch'))}",
-            _verdict(None if rel is None else bool(rel <= 1e-5 and not a.meta.get("replay_mismatch")))))
+            verdict(rule_exact(rel, a.meta.get("replay_mismatch")))))
     return claims
 
 
@@ -446,7 +466,7 @@ def write_report(out: str | Path) -> Path:
             if tm.get("train_steps_only") and tm.get("explain_test") else None),
         "attribution total (test)": a.total() if a is not None else None,
         "completeness rel residual": (a.completeness.summary().get("total_rel") if a is not None and a.completeness else None),
-        "claims reproduced": f"{sum(c.verdict == 'reproduced' for c in claims)}/{sum(c.verdict != 'not run' for c in claims)}",
+        "claims": verdict_line(count_verdicts(c.verdict for c in claims)),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
@@ -459,8 +479,17 @@ def write_report(out: str | Path) -> Path:
         f"Trained {summary['steps']} steps at {_f(tm.get('ms_per_step'))} ms/step.")
     L += ["", "## Summary", "", "| quantity | value |", "|---|---|"]
     L += [f"| {k} | {_f(v, 4)} |" for k, v in summary.items()]
-    L += ["", "## Claims", "", "| # | claim | source | rule | evidence | verdict |", "|---|---|---|---|---|---|"]
+    L += ["", "## Claims", "", f"**{summary['claims']}.** A claim is *not run* when the study has no data for "
+          "its rule (no cleanup phase, `--no-explain`, a model that never reaches the accuracy the rule "
+          "needs); it counts neither as reproduced nor as not reproduced.", ""]
+    L += ["| # | claim | source | rule | evidence | verdict |", "|---|---|---|---|---|---|"]
     L += [f"| {i} | {c.claim} | {c.source} | {c.rule} | {c.evidence} | **{c.verdict}** |" for i, c in enumerate(claims, 1)]
+    L += ["", "Margins: weight decay must carry at least "
+          f"{WD_MIN_SHARE:.0%} of the cleanup phase's rise of the mean test log-prob, as much as all gradient "
+          "(data and momentum) updates together, for it to *drive* cleanup (any positive contribution would "
+          "accept a minor one); the alignment increase must exceed "
+          f"{ALIGN_Z:g} standard deviations of its paired bootstrap over the queries ({ALIGN_BOOT} seeded "
+          "resamples, ~95%), the spread that comes from which test queries were drawn."]
     L += ["", "## Phases", ""]
     if ph:
         L.append("Rule (see `analyses/grokking/phases.py`): memorisation ends when train accuracy first reaches "
