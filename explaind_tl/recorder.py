@@ -677,7 +677,10 @@ class TrajectoryRecorder:
                     f"(no {MANIFEST} with format {FORMAT!r}): overwrite=True only replaces a recorded run and "
                     "never deletes other files; choose an empty or new directory"
                 )
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _storage_error(exc, run_dir, None) from exc
         lock = storage.RunLock.acquire(run_dir)
         try:
             _clear_run_dir(run_dir)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from explaind_tl.errors import ChecksumError, TrajectoryError
+from explaind_tl.errors import ChecksumError, StorageError, TrajectoryError
 
 try:  # POSIX; elsewhere recording runs without the one-writer lock
     import fcntl
@@ -195,6 +195,7 @@ class RunLock:
     def __init__(self, path: Path, fd: int | None) -> None:
         self.path = path
         self._fd = fd
+        self._held = True
 
     @classmethod
     def acquire(cls, run_dir: str | os.PathLike) -> RunLock:
@@ -202,18 +203,27 @@ class RunLock:
 
         Raises:
             TrajectoryError: another writer holds the lock (names its pid and host).
+            StorageError: the lock file cannot be created or locked (permissions, a file
+                system without locks).
         """
         path = Path(run_dir) / LOCK_FILE
         if fcntl is None:  # pragma: no cover
             return cls(path, None)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot create the lock file {path}: [Errno {exc.errno}] {exc.strerror}", exc.errno, str(path)) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = cls._read_holder(fd)
             os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                raise
+                raise StorageError(
+                    f"cannot lock {path}: [Errno {exc.errno}] {exc.strerror} (does this file system support flock?)",
+                    exc.errno,
+                    str(path),
+                ) from exc
             pid = holder.get("pid", "?")
             mine = " (this process: close or abort the other TrajectoryRecorder first)" if str(pid) == str(os.getpid()) else ""
             raise TrajectoryError(
@@ -238,10 +248,11 @@ class RunLock:
     @property
     def held(self) -> bool:
         """Whether this object still holds the lock."""
-        return self._fd is not None
+        return self._held
 
     def release(self) -> None:
         """Release the lock (idempotent)."""
+        self._held = False
         fd, self._fd = self._fd, None
         if fd is None:
             return

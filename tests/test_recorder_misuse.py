@@ -511,3 +511,12 @@ def test_stale_temp_files_are_ours_only(tmp_path):
     theirs.write_text("user")
     TrajectoryRecorder.resume(run, scheduler_factory=_make_sched).abort()
     assert not ours.exists() and theirs.read_text() == "user"
+
+
+def test_run_dir_that_cannot_be_created_is_a_storage_error(tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(StorageError, match="afile") as err:
+        _new_recorder(tmp_path / "afile" / "run")
+    assert err.value.errno in (errno.ENOTDIR, errno.EEXIST) and (tmp_path / "afile").read_text() == "not a directory"
+    with pytest.raises(TrajectoryError, match="is a file"):
+        _new_recorder(tmp_path / "afile")
