@@ -573,19 +573,29 @@ class _Engine:
         self.cooldown[key] = (cool, wait)
 
     # ---------------------------------------------------------- optimizer algebra
+    def step_spec(self, rec):
+        """The optimizer spec of step ``rec.step``: hyper-parameters may change between steps."""
+        return rec.spec if getattr(rec, "spec", None) is not None else self.spec
+
+    def beta_of(self, s: int) -> float:
+        """``β_s`` (Adam: ``beta1``; SGD: ``momentum``) of step ``s``, from the recorded hyper-parameters."""
+        spec = self.traj.optimizer_spec_at(s)
+        return spec.betas[0] if spec.kind in ("adam", "adamw") else spec.momentum
+
     def coefficients(self, rec):
+        """``β_s, c_s, P_s, e_s`` and the decays of step ``rec.step``, from that step's spec."""
         from .optim import update_coefficients_for
 
         first = not rec.state_before or not any(rec.state_before.values())
-        return update_coefficients_for(self.spec, rec.lr, rec.step_count, rec.state_after, first, rec.params)
+        return update_coefficients_for(self.step_spec(rec), rec.lr, rec.step_count, rec.state_after, first, rec.params)
 
-    def buffer(self, state: dict) -> Tensor:
+    def buffer(self, state: dict, spec=None) -> Tensor:
         """The flat float64 momentum buffer held in an optimizer state (zero when absent)."""
         from .optim import buffer_after
 
         if not state or not any(state.values()):
             return torch.zeros(self.layout.numel, dtype=torch.float64, device=self.device)
-        return self.flat64(buffer_after(self.spec, state))
+        return self.flat64(buffer_after(spec or self.spec, state))
 
     # ---------------------------------------------------------- realized clock
     def run_realized(self, progress: bool, acc: Tensor, resume: _Resume | None) -> None:
@@ -634,17 +644,20 @@ class _Engine:
             return [delta]
         from .optim import reconstruct_update
 
+        spec = self.step_spec(rec)
         co = self.coefficients(rec)
         g64 = self.flat64(rec.grad)
         P = self.flat64(co.P)
         e = self.flat64(co.e) if co.e is not None else None
         if co.has_buffer:
-            b_next = self.buffer(rec.state_after)
+            b_next = self.buffer(rec.state_after, spec)
         else:
             b_next = g64 + co.coupled_wd * w64
         if H is None:  # window start: momentum carried in from before the window
-            H = self.buffer(rec.state_before)
+            H = self.buffer(rec.state_before, spec)
             Rb = torch.zeros_like(H)
+        # b_{s+1} = β_s b_s + c_s gt_s with this step's β_s, c_s: the history part
+        # H_{s+1} = β_s H_s (H_a = b_a) and the coupled-L2 part Rb_{s+1} = β_s Rb_s + c_s λ_s w_s
         if co.has_buffer:
             H = co.beta * H
             Rb = co.beta * Rb + co.c * co.coupled_wd * w64
@@ -652,7 +665,7 @@ class _Engine:
             H = torch.zeros_like(w64)
             Rb = co.coupled_wd * w64
         dhat = self.layout.flatten(
-            reconstruct_update(self.spec, co, rec.params, rec.grad, self.layout.unflatten(b_next)), dtype=torch.float64
+            reconstruct_update(spec, co, rec.params, rec.grad, self.layout.unflatten(b_next)), dtype=torch.float64
         ).to(self.device)
         vec = {
             "data": P * (b_next - H - Rb) + (e * g64 if e is not None else 0.0),
@@ -677,19 +690,29 @@ class _Engine:
         return self._lossf
 
     def run_seen(self, progress: bool, acc: Tensor, resume: _Resume | None) -> None:
-        """Adjoint sweep (DESIGN §4): ``Ã_s = P_s ⊙ φ_s + β Ã_{s+1}``, backwards over segments."""
+        """Adjoint sweep (DESIGN §4): ``Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1}``, backwards over segments.
+
+        With ``b_{s+1} = β_s b_s + c_s gt_s`` and ``Δ_s = P_s ⊙ b_{s+1} + e_s ⊙ gt_s - λ'_s w_s``,
+        the gradient ``gt_k`` reaches every later update through ``Π_{j=k+1..s} β_j``, so
+        ``Ã_k = Σ_{s>=k} P_s φ_s Π_{j=k+1..s} β_j`` and the recursion multiplies ``Ã_{s+1}`` by
+        the *next* step's ``β_{s+1}`` (schedulers such as OneCycleLR change β every step).
+        ``gt_s`` enters with ``G_s = c_s Ã_s + e_s φ_s``; the momentum carried into the window,
+        ``b_a``, with ``β_a Ã_a``.
+        """
         plan = self.plan
         a, b = plan.window
         n_train = self.traj.num_train
         col = {lbl: n_train + i for i, lbl in enumerate(PSEUDO)}
         state = resume.load() if resume else None
         A = torch.zeros(plan.n_rows, self.layout.numel, dtype=torch.float64, device=self.device)
+        beta_next = 0.0  # β_{s+1} of the step after the current one (Ã_b = 0 at the window's end)
         done_before = b
         q1 = None
         if state is not None:
             acc.copy_(state["acc"])
             A = state["A"].to(self.device)
             done_before = state["done_before"]
+            beta_next = self.beta_of(done_before) if done_before < b else 0.0
             self._restore(state)
         bar = _progress(progress, total=b - a, initial=b - done_before, desc="explain (train, adjoint)")
         perm = blocks = None
@@ -704,12 +727,14 @@ class _Engine:
                 q0 = self.endpoint(rec.params, s)
                 phi = self.phi(s, rec.params, rec.next_params, q0, q1)
                 q1 = q0
+                spec = self.step_spec(rec)
                 co = self.coefficients(rec)
                 P = self.flat64(co.P)
                 e = self.flat64(co.e) if co.e is not None else None
                 w64 = self.flat64(rec.params)
-                # Ã_s = P_s ⊙ φ_s + β Ã_{s+1}; gradient gt_s enters with G_s = c Ã_s + e ⊙ φ_s
-                A = P[None, :] * phi + (co.beta * A if co.has_buffer else 0.0)
+                # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1}; gradient gt_s enters with G_s = c_s Ã_s + e_s ⊙ φ_s
+                A = P[None, :] * phi + (beta_next * A if co.has_buffer else 0.0)
+                beta_next = co.beta if co.has_buffer else 0.0
                 G = co.c * A
                 if e is not None:
                     G = G + e[None, :] * phi
@@ -738,14 +763,16 @@ class _Engine:
                 delta = self.flat64(rec.next_params) - w64
                 kept = delta + co.decoupled_wd * w64
                 if co.has_buffer:
-                    b_next = self.buffer(rec.state_after)
-                    b_prev = self.buffer(rec.state_before)
+                    # ε_s = b_{s+1} - β_s b_s - c_s gt_s (this step's β_s) reaches the output through Ã_s
+                    b_next = self.buffer(rec.state_after, spec)
+                    b_prev = self.buffer(rec.state_before, spec)
                     X = self.reduce(A * (b_next - co.beta * b_prev)[None, :] + phi * (kept - P * b_next)[None, :])
                 else:  # plain SGD: A = P ⊙ φ = G
                     X = self.reduce(phi * kept[None, :])
                 acc[k, :, :, col["update_residual"]] += X.cpu() - data_sum - reg
                 if s == a and co.has_buffer:
-                    b_a = self.buffer(rec.state_before)
+                    # b_{s+1} ∋ Π_{j=a..s} β_j b_a, so b_a enters with β_a Ã_a (β_a: this step's)
+                    b_a = self.buffer(rec.state_before, spec)
                     acc[k, :, :, col["history"]] += self.reduce(co.beta * A * b_a[None, :]).cpu()
                 bar.update(1)
             done_before = seg[0].step

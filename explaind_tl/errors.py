@@ -46,3 +46,20 @@ class CertificateError(ExplaindError, ArithmeticError):
     def __init__(self, message: str, attribution=None) -> None:
         super().__init__(message)
         self.attribution = attribution
+
+
+class StorageError(TrajectoryError, OSError):
+    """Writing a run directory failed (disk full, permission denied, ...).
+
+    ``errno`` and ``filename`` are those of the underlying ``OSError``; the message says up to
+    which step the run directory is valid.
+    """
+
+    def __init__(self, message: str, errno: int | None = None, filename: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.filename = filename
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -18,12 +18,21 @@ linear form used by the engine::
     Δ_s     = -decoupled_wd * w_s + P ⊙ b_{s+1} + e ⊙ gt_s
 
 with ``P`` (and ``e`` for nesterov) diagonal, computed in float64 from the recorded state.
+
+Schedulers (OneCycleLR, CyclicLR) and hand edits may change ``lr``, ``betas``, ``eps``,
+``momentum``, ``dampening`` and ``weight_decay`` between steps: the recorder stores the values
+each step used (:func:`step_hparams`, columns :data:`HPARAM_COLUMNS`), replay sets them before
+the step (:func:`apply_hparams`) and the algebra of step ``s`` uses that step's spec
+(:func:`spec_for_step`), so ``beta``, ``c``, ``P``, ``e`` and the decays all carry an index
+``s``. Settings that change the form of the update (:func:`fixed_settings`: nesterov, amsgrad,
+maximize, foreach/fused, momentum on/off, the param groups) cannot change during a run.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -175,6 +184,92 @@ def spec_from_optimizer(opt: torch.optim.Optimizer, model: nn.Module) -> Optimiz
         dampening=_as_float("dampening", group.get("dampening", 0.0)),
         nesterov=bool(group.get("nesterov", False)),
     )
+
+
+# per-step hyper-parameters stored as step-record columns (besides ``lr``), per optimizer kind
+HPARAM_COLUMNS: dict[str, tuple[str, ...]] = {
+    "adamw": ("beta1", "beta2", "eps", "weight_decay"),
+    "adam": ("beta1", "beta2", "eps", "weight_decay"),
+    "sgd": ("momentum", "dampening", "weight_decay"),
+}
+
+
+def step_hparams(opt: torch.optim.Optimizer, kind: str) -> dict[str, float]:
+    """The hyper-parameters the next ``opt.step()`` will use, as the columns of ``kind``.
+
+    Args:
+        opt: The (single-group) optimizer.
+        kind: ``"adamw"``, ``"adam"`` or ``"sgd"``.
+
+    Returns:
+        ``{"lr": ..., "beta1": ..., ...}`` (:data:`HPARAM_COLUMNS` plus ``lr``), Python floats.
+
+    Raises:
+        UnsupportedOptimizerError: a value is a Tensor, not a number, or not finite.
+    """
+    group = opt.param_groups[0]
+    raw: dict[str, Any] = {"lr": group["lr"], "weight_decay": group.get("weight_decay", 0.0)}
+    if kind in ("adam", "adamw"):
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise UnsupportedOptimizerError(f"betas must be a pair of floats, got {betas!r}")
+        raw.update(beta1=betas[0], beta2=betas[1], eps=group["eps"])
+    else:
+        raw.update(momentum=group.get("momentum", 0.0), dampening=group.get("dampening", 0.0))
+    out = {}
+    for k, v in raw.items():
+        try:
+            f = _as_float(k, v)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, UnsupportedOptimizerError):
+                raise
+            raise UnsupportedOptimizerError(f"the param group's {k} must be a number, got {v!r}") from exc
+        if not math.isfinite(f):
+            raise UnsupportedOptimizerError(f"the param group's {k} is not finite ({f})")
+        out[k] = f
+    return out
+
+
+def apply_hparams(opt: torch.optim.Optimizer, kind: str, hparams: Mapping[str, float]) -> None:
+    """Set a step's recorded hyper-parameters (:func:`step_hparams` output) on ``opt`` (replay)."""
+    group = opt.param_groups[0]
+    for k, v in hparams.items():
+        if k in ("beta1", "beta2"):
+            continue
+        group[k] = v
+    if kind in ("adam", "adamw") and "beta1" in hparams:
+        group["betas"] = (hparams["beta1"], hparams["beta2"])
+
+
+def spec_for_step(spec: OptimizerSpec, hparams: Mapping[str, float]) -> OptimizerSpec:
+    """``spec`` with one step's hyper-parameters (``lr`` and :data:`HPARAM_COLUMNS`)."""
+    kw: dict[str, Any] = {k: float(hparams[k]) for k in ("lr", "eps", "weight_decay", "momentum", "dampening") if k in hparams}
+    if "beta1" in hparams:
+        kw["betas"] = (float(hparams["beta1"]), float(hparams["beta2"]))
+    return replace(spec, **kw) if kw else spec
+
+
+def fixed_settings(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Settings that fix the form of the update and so cannot change during a recorded run.
+
+    Returns:
+        ``{setting: value}``: the class, the number of param groups and the identity of their
+        parameters, the boolean flags (nesterov, amsgrad, maximize, foreach, fused,
+        differentiable, capturable, decoupled_weight_decay) and whether SGD momentum is on.
+    """
+    groups = opt.param_groups
+    g = groups[0]
+    out: dict[str, Any] = {
+        "optimizer class": type(opt).__qualname__,
+        "number of param groups": len(groups),
+        "parameters of the param group": tuple(id(p) for p in g["params"]),
+    }
+    for flag in ("nesterov", "amsgrad", "maximize", "foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay"):
+        if flag in g:
+            out[flag] = g[flag]
+    if "momentum" in g and not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        out["momentum on (momentum != 0)"] = g["momentum"] != 0
+    return out
 
 
 def force_single_tensor(opt: torch.optim.Optimizer) -> None:

@@ -4,11 +4,14 @@ A :class:`Trajectory` reads a run directory written by
 :class:`explaind_tl.recorder.TrajectoryRecorder`, validates it (manifest, sha256 of every
 listed file) and reproduces any step by replaying from the nearest checkpoint with the shared
 :func:`explaind_tl.recorder.train_step`: same model code, same batch tensors, same optimizer
-implementation (``foreach=False``), the recorded learning rate set before each step. On the
-machine and thread count used for recording (one thread by default, stored in the manifest and
-re-applied during replay) replay is bitwise identical; :meth:`Trajectory.verify` checks this
-against every checkpoint, and :meth:`Trajectory.segments` compares each replayed segment's end
-with its checkpoint (``replay_mismatch``, :class:`ReplayMismatchWarning`).
+implementation (``foreach=False``), the recorded hyper-parameters (``lr``, and ``betas``,
+``eps``, ``weight_decay`` / ``momentum``, ``dampening``, ``weight_decay``) set before each step.
+Runs recorded before those were stored per step replay with the manifest's constant values.
+On the machine and thread count used for recording (one thread by default, stored in the
+manifest and re-applied during replay) replay is bitwise identical; :meth:`Trajectory.verify`
+checks this against every checkpoint, and :meth:`Trajectory.segments` compares each replayed
+segment's end with its checkpoint (``replay_mismatch``, :class:`ReplayMismatchWarning`, which
+names the first step whose replayed loss differs from the recorded one).
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ from explaind_tl import storage
 from explaind_tl.errors import TrajectoryError
 from explaind_tl.models import build_model, check_model_matches, resolve_import_path
 from explaind_tl.optim import (
+    HPARAM_COLUMNS,
     OptimizerSpec,
+    apply_hparams,
     build_optimizer,
     load_optimizer_state,
+    spec_for_step,
     state_dict_by_key,
 )
 from explaind_tl.recorder import (
@@ -71,6 +77,9 @@ class StepRecord:
         clip_factor: ``κ_s`` (1.0 without clipping).
         loss: Mean batch loss at ``w_s``.
         batch_ids: ``[B]`` training-example ids.
+        spec: The optimizer spec this step used (its ``lr``, ``betas``, ``eps``,
+            ``weight_decay``, ``momentum``, ``dampening``: schedulers and hand edits change them
+            between steps); ``None`` only for records built elsewhere.
     """
 
     step: int
@@ -84,6 +93,7 @@ class StepRecord:
     clip_factor: float
     loss: float
     batch_ids: Tensor
+    spec: OptimizerSpec | None = None
 
     @property
     def first_step(self) -> bool:
@@ -189,6 +199,7 @@ class Trajectory:
         self.num_train = int(man["num_train"])
         self.torch_num_threads = man.get("torch_num_threads")
         self.replay_mismatch: dict[int, float] = {}
+        self.loss_mismatch: dict[int, tuple[float, float]] = {}
         self._warned_replay = False
         self._model_factory = model_factory
         if model_factory is None and man["model"]["kind"] == "factory" and not man["model"].get("factory"):
@@ -225,6 +236,13 @@ class Trajectory:
         self._clip = [float("nan")] * n
         self._loss = [float("nan")] * n
         self._ids: list[list[int] | None] = [None] * n
+        # per-step hyper-parameters; segments written before they were recorded (or a run whose
+        # manifest predates them) keep the manifest's constant values
+        spec = self.optimizer_spec
+        const = {"beta1": spec.betas[0], "beta2": spec.betas[1], "eps": spec.eps, "weight_decay": spec.weight_decay,
+                 "momentum": spec.momentum, "dampening": spec.dampening}
+        self._hp_cols = HPARAM_COLUMNS[spec.kind]
+        self._hp: dict[str, list[float]] = {c: [const[c]] * n for c in self._hp_cols}
         seen = 0
         for seg in self.manifest["segments"]:
             path = self.run_dir / seg["file"]
@@ -239,6 +257,9 @@ class Trajectory:
                 self._clip[s] = t["clip_factor"][i]
                 self._loss[s] = t["loss"][i]
                 self._ids[s] = t["batch_ids"][i]
+                for c in self._hp_cols:
+                    if c in t:
+                        self._hp[c][s] = t[c][i]
                 seen += 1
         if seen != n:
             raise TrajectoryError(f"{self.run_dir}: step records cover {seen} of {n} steps")
@@ -347,8 +368,12 @@ class Trajectory:
             batch = gather_batch(self._columns, None if raw is None else ids)
             w_s = {n: p.detach().clone() for n, p in zip(self.param_names, params)} if capture else None
             state_before = state_dict_by_key(opt, self.param_names) if capture else None
+            hp = self.hyperparameters(s)
+            apply_hparams(opt, spec.kind, hp)
             with torch_threads(self.torch_num_threads):
-                out = train_step(model, opt, params, self.loss_fn, batch, self.clip_grad_norm, lr=self._lr[s], capture_grads=capture)
+                out = train_step(model, opt, params, self.loss_fn, batch, self.clip_grad_norm, lr=hp["lr"], capture_grads=capture)
+            if out.loss != self._loss[s]:
+                self.loss_mismatch.setdefault(s, (out.loss, self._loss[s]))
             if capture:
                 w_next = {n: p.detach().clone() for n, p in zip(self.param_names, params)}
                 state_after = state_dict_by_key(opt, self.param_names)
@@ -368,6 +393,7 @@ class Trajectory:
                     clip_factor=out.clip_factor,
                     loss=out.loss,
                     batch_ids=ids,
+                    spec=spec_for_step(spec, hp),
                 )
             elif not final_only or s + 1 == stop:
                 yield (
@@ -415,6 +441,17 @@ class Trajectory:
     def lr(self, s: int) -> float:
         """Learning rate used at step ``s``."""
         return self._lr[self._check_step(s, self.num_steps - 1)]
+
+    def hyperparameters(self, s: int) -> dict[str, float]:
+        """The optimizer hyper-parameters step ``s`` used: ``lr`` and ``beta1``, ``beta2``,
+        ``eps``, ``weight_decay`` (Adam/AdamW) or ``momentum``, ``dampening``, ``weight_decay``
+        (SGD)."""
+        s = self._check_step(s, self.num_steps - 1)
+        return {"lr": self._lr[s], **{c: self._hp[c][s] for c in self._hp_cols}}
+
+    def optimizer_spec_at(self, s: int) -> OptimizerSpec:
+        """The :class:`OptimizerSpec` step ``s`` used (``optimizer_spec`` with its hyper-parameters)."""
+        return spec_for_step(self.optimizer_spec, self.hyperparameters(s))
 
     def clip_factor(self, s: int) -> float:
         """Clip factor ``κ_s`` of step ``s`` (1.0 without clipping)."""
@@ -485,21 +522,43 @@ class Trajectory:
 
         The largest absolute difference per checkpoint is kept in ``self.replay_mismatch``
         (``{step: max abs diff}``); anything nonzero means the per-step records of the
-        preceding segment are not the recorded run's (see :class:`TrajectoryRecorder`'s
-        ``num_threads``), and a :class:`ReplayMismatchWarning` says so once per trajectory.
+        preceding segment are not the recorded run's, and a :class:`ReplayMismatchWarning` says
+        so once per trajectory, naming the cause it can see: the first step of the segment
+        whose replayed loss differs from the recorded one (``self.loss_mismatch``), and CPU
+        threads only when the run was recorded with more than one.
         """
         want = self._checkpoint_params(step)
         diff = max(float((replayed[n].double() - want[n].double()).abs().max()) for n in self.param_names)
         self.replay_mismatch[step] = diff
         if diff > 0 and not self._warned_replay:
             self._warned_replay = True
-            warnings.warn(
-                f"replay does not reproduce checkpoint {step} bitwise (max abs diff {diff:.3g}): the run was "
-                f"recorded with {self.torch_num_threads} CPU threads, whose kernels are not reproducible; "
-                "record with TrajectoryRecorder(..., num_threads=1) for exact replay",
-                ReplayMismatchWarning,
-                stacklevel=3,
+            warnings.warn(self._mismatch_message(step, diff), ReplayMismatchWarning, stacklevel=3)
+
+    def _mismatch_message(self, step: int, diff: float) -> str:
+        start = max((c for c in self.checkpoint_steps if c < step), default=0)
+        bad = sorted(k for k in self.loss_mismatch if start <= k < step)
+        threads = self.torch_num_threads or 1
+        head = f"replay does not reproduce checkpoint {step} bitwise (max abs diff {diff:.3g})"
+        thread_note = (
+            f"the run was recorded with {threads} CPU threads, whose kernels are not bitwise reproducible "
+            "(record with TrajectoryRecorder(..., num_threads=1) for exact replay)"
+        )
+        if bad:
+            k = bad[0]
+            got, want = self.loss_mismatch[k]
+            cause = (
+                f"the loss at step {k} differs from the recorded one (replayed {got!r}, recorded {want!r}): "
+                "the model, data, loss_fn or optimizer settings were changed outside the recorder"
             )
+            return f"{head}: {cause}" + (f"; or {thread_note}" if threads > 1 else "")
+        if threads > 1:
+            return f"{head}: {thread_note}"
+        return (
+            f"{head}, although every replayed loss of steps {start}..{step - 1} matches the recording: the "
+            "optimizer's update differed, i.e. its settings were changed outside the recorder (e.g. in a run "
+            "recorded before per-step hyper-parameters were stored, by a scheduler that changes betas/momentum "
+            "or a hand-edited param group) or the optimizer code changed (torch version)"
+        )
 
     def verify(self, progress: bool = True) -> VerifyReport:
         """Replay every segment and compare with the next checkpoint (params + optimizer state)."""
