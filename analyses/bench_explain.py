@@ -2,7 +2,7 @@
 
     python -m analyses.bench_explain [--steps N] [--queries N] [--threads N] [--skip-naive] [--skip-memory]
 
-Default model: the grokking configuration (``explaind_tl.tasks`` preset ``default``: p=59, train
+Default model: the grokking configuration (``analyses.grokking.task`` preset ``default``: p=59, train
 fraction 0.5, 1-layer HookedTransformer, d_model 64, 4 heads of 16, d_mlp 256, n_ctx 3, ReLU, no
 LayerNorm, AdamW lr 1e-3, wd 1.0, betas (0.9, 0.98), full batch).
 
@@ -63,7 +63,7 @@ def load_str() -> str:
 
 
 def make_config(args: argparse.Namespace):
-    from explaind_tl.tasks import get_config
+    from analyses.grokking.task import get_config
 
     over = {}
     for name in ("p", "train_fraction", "d_model", "n_heads", "d_head", "d_mlp"):
@@ -74,7 +74,7 @@ def make_config(args: argparse.Namespace):
 
 
 def split(cfg) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    from explaind_tl.tasks import modular_addition_tensors
+    from analyses.grokking.task import modular_addition_tensors
 
     t = modular_addition_tensors(cfg.p, cfg.train_fraction, cfg.data_seed)
     return ({"tokens": t["train_tokens"], "label": t["train_label"]}, {"tokens": t["test_tokens"], "label": t["test_label"]})

@@ -68,7 +68,7 @@ def plain_loop(args, data, loss_fn) -> float:
 
 
 def recorded_loop(args, data, loss_fn, run_dir: Path) -> tuple[float, float, float]:
-    from explaind_tl.recorder import TrajectoryRecorder
+    from explaind_tl import TrajectoryRecorder
 
     model = make_model(args)
     opt = make_opt(model, args)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"disk: {bytes_all / 1e6:.2f} MB total, {bytes_traj / 1e6:.2f} MB without the training data")
         print(f"bytes/step: {bytes_traj / args.steps:,.0f} (all files: {bytes_all / args.steps:,.0f}) vs {full_per_step:,} storing every step's params+optimizer state -> {full_per_step * args.steps / bytes_traj:.1f}x smaller")
         if args.verify:
-            from explaind_tl.trajectory import Trajectory
+            from explaind_tl import Trajectory
 
             t0 = time.perf_counter()
             report = Trajectory.load(run_dir).verify(progress=False)

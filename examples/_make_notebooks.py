@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import explaind_tl
-from explaind_tl.tasks import get_config
+from analyses.grokking.task import get_config
 
 torch.manual_seed(0)
 workdir = Path(tempfile.mkdtemp(prefix="explaind_tl_example_"))
@@ -139,7 +139,7 @@ result.metrics.tail()"""
         new_code_cell(
             """\
 from analyses.grokking.phases import find_phases, phase_checks, progress_measures
-from explaind_tl.tasks import modular_addition_tensors
+from analyses.grokking.task import modular_addition_tensors
 
 phases = find_phases(result.metrics)
 print(phases.intervals())

@@ -15,6 +15,10 @@ class NondeterministicTrainingError(ExplaindError, RuntimeError):
     """Training is random (dropout, stochastic layers) so it cannot be replayed exactly."""
 
 
+class RecordingError(ExplaindError, ValueError):
+    """Bad input while recording (batch ids, loss shape, non-finite values, ...)."""
+
+
 class TrajectoryError(ExplaindError, RuntimeError):
     """A run directory is missing, truncated, corrupted or does not match the model."""
 

@@ -1,4 +1,4 @@
-"""Query metrics: scalars read off the model's logits (DESIGN §1).
+"""Query metrics: scalars read off the model's logits (docs/design.md §1).
 
 A metric maps ``(logits, batch) -> [Q]`` (one scalar per query) or ``[Q, O]`` (a stack of
 outputs). Built-ins read the logits at one position (the last by default). Every built-in is

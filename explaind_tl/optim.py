@@ -1,4 +1,4 @@
-"""The optimizer algebra, in one place (DESIGN §3).
+"""The optimizer algebra, in one place (docs/design.md §3).
 
 Supported optimizers (exactly one param group holding exactly the model's trainable
 parameters, in ``named_parameters()`` order):
@@ -358,7 +358,7 @@ def state_dict_by_key(opt: torch.optim.Optimizer, param_names: list[str]) -> Sta
 
 @dataclass
 class UpdateCoefficients:
-    """The linear form of one optimizer step ``s`` (DESIGN §3); tensors are float64.
+    """The linear form of one optimizer step ``s`` (docs/design.md §3); tensors are float64.
 
     Attributes:
         beta: Buffer decay: ``b_{s+1} = beta * b_s + c * gt_s`` (adam: beta1; sgd: momentum).

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .attribution import PSEUDO_TRAIN, Attribution
+from explaind_tl.attribution import Attribution
+from explaind_tl.axes import PSEUDO
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -214,7 +215,7 @@ def plot_top_examples(
         k,
         dim="train",
         by_abs=by_abs,
-        exclude=() if include_pseudo else PSEUDO_TRAIN,
+        exclude=() if include_pseudo else PSEUDO,
         as_frame=False,
     )
     fig = _figure(figsize, dpi)

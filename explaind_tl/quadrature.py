@@ -1,6 +1,6 @@
 """Quadrature along one optimizer step: Gauss–Legendre nodes, kink-aware pieces, the certificate.
 
-The test-side feature map of step ``s`` is ``φ_s = ∫_0^1 ∇q(w_s + tΔ_s) dt`` (DESIGN §1). On a
+The test-side feature map of step ``s`` is ``φ_s = ∫_0^1 ∇q(w_s + tΔ_s) dt`` (docs/design.md §1). On a
 smooth model a few Gauss–Legendre nodes reach machine precision. On a ReLU model the integrand
 jumps wherever a neuron's pre-activation changes sign along the segment, so the kinks are located
 (from the pre-activations at both ends of the segment) and each smooth piece is integrated with

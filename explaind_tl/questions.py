@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from .engine import explain
+from explaind_tl.engine.api import explain
 
 
 def component_influence(

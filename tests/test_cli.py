@@ -21,7 +21,7 @@ def _py(code: str) -> subprocess.CompletedProcess:
 def test_help_does_not_import_heavy_modules():
     code = (
         "import sys\n"
-        "from explaind_tl.cli import main\n"
+        "from analyses.cli import main\n"
         "for argv in (['--help'], ['grokking', '--help'], ['report', '--help']):\n"
         "    try:\n"
         "        main(argv)\n"
@@ -41,7 +41,7 @@ def test_help_does_not_import_heavy_modules():
 def test_help_is_fast():
     t0 = time.perf_counter()
     res = subprocess.run(
-        [sys.executable, "-m", "explaind_tl.cli", "--help"],
+        [sys.executable, "-m", "analyses.cli", "--help"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     elapsed = time.perf_counter() - t0
@@ -51,7 +51,7 @@ def test_help_is_fast():
 
 
 def test_bad_arguments_exit_2():
-    from explaind_tl.cli import main
+    from analyses.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["grokking", "--config", "nope"])
@@ -62,21 +62,21 @@ def test_bad_arguments_exit_2():
 
 
 def test_no_command_prints_help(capsys):
-    from explaind_tl.cli import main
+    from analyses.cli import main
 
     assert main([]) == 0
     assert "usage: explaind-tl" in capsys.readouterr().out
 
 
 def test_cli_presets_match_tasks():
-    from explaind_tl.cli import _PRESETS
-    from explaind_tl.tasks import CONFIGS
+    from analyses.cli import _PRESETS
+    from analyses.grokking.task import CONFIGS
 
     assert set(_PRESETS) == set(CONFIGS)
 
 
 def test_grokking_no_explain_tiny(tmp_path, capsys):
-    from explaind_tl.cli import main
+    from analyses.cli import main
 
     out = tmp_path / "study"
     assert main(["grokking", "--config", "tiny", "--out", str(out), "--no-explain", "--quiet"]) == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from explaind_tl.components import ComponentMap
+from explaind_tl.model.components import ComponentMap
 
 BASE = dict(
     n_layers=1,

@@ -471,7 +471,7 @@ def test_question_helpers(gelu_run):
 
 @pytest.mark.parametrize("by", [("step", "component"), ("train",)])
 def test_background_replay_matches_sequential(gelu_run, by, monkeypatch):
-    import explaind_tl.engine as eng
+    import explaind_tl.engine.prefetch as eng
 
     traj, test = gelu_run
     kw = dict(by=by, components="head", dtype=torch.float64, progress=False)
@@ -493,7 +493,7 @@ def test_background_replay_matches_sequential(gelu_run, by, monkeypatch):
 def test_prefetched_order_errors_and_early_exit():
     import threading
 
-    from explaind_tl.engine import prefetched
+    from explaind_tl.engine.prefetch import prefetched
 
     assert list(prefetched(iter(range(7)), True)) == list(range(7))
 

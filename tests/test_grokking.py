@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from explaind_tl.tasks import (
+from analyses.grokking.task import (
     CONFIGS,
     GrokkingConfig,
     get_config,

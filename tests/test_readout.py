@@ -14,9 +14,9 @@ from conftest import modular_addition, tiny_model
 from torch.func import grad
 
 from explaind_tl import Trajectory, TrajectoryRecorder, explain
-from explaind_tl.functional import KINK_MASK, KINK_ON, QueryFunction
 from explaind_tl.metrics import resolve_metric
-from explaind_tl.readout import Readout, readout_units, unsupported_reason
+from explaind_tl.model.functional import KINK_MASK, KINK_ON, QueryFunction
+from explaind_tl.model.readout import Readout, readout_units, unsupported_reason
 
 CONFIGS = {
     "1L_relu": dict(),
@@ -205,8 +205,8 @@ def test_readout_check_uses_grad_free_reference():
 
 def test_training_loss_through_readout_matches(relu_run):
     """The built-in last-token cross entropy through the read-out forward: same data entries."""
-    from explaind_tl.functional import LossFunction
     from explaind_tl.losses import last_token_cross_entropy
+    from explaind_tl.model.functional import LossFunction
 
     traj, test = relu_run
     assert traj.loss_fn is last_token_cross_entropy

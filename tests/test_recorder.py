@@ -14,12 +14,14 @@ from torch import nn
 
 from explaind_tl.errors import (
     NondeterministicTrainingError,
+    RecordingError,
     TrajectoryError,
     UnsupportedOptimizerError,
 )
 from explaind_tl.losses import last_token_cross_entropy
-from explaind_tl.recorder import RecordingError, TrajectoryRecorder, batch_schedule
-from explaind_tl.trajectory import Trajectory
+from explaind_tl.run.recorder import TrajectoryRecorder
+from explaind_tl.run.training import batch_schedule
+from explaind_tl.run.trajectory import Trajectory
 
 TESTS = Path(__file__).parent
 STEPS, K, BS = 11, 3, 16
@@ -46,7 +48,7 @@ CHILD = """
 import os, signal, sys, torch
 sys.path[:0] = [{tests!r}, {root!r}]
 torch.set_num_threads(1)
-import explaind_tl.storage as storage
+import explaind_tl.run.storage as storage
 from test_recorder import _record
 real_replace = storage.os.replace
 def dying_replace(src, dst, *a, **kw):
@@ -231,7 +233,7 @@ def test_replay_drift_is_measured_warned_and_reported_by_explain(tmp_path):
     import warnings
 
     from explaind_tl import explain
-    from explaind_tl.trajectory import ReplayMismatchWarning
+    from explaind_tl.run.trajectory import ReplayMismatchWarning
 
     rec = _recorder(tmp_path, checkpoint_every=2)
     for _ in range(4):

@@ -20,17 +20,13 @@ import torch
 from conftest import modular_addition, tiny_model
 from torch import nn
 
-from explaind_tl import storage
-from explaind_tl.errors import ExplaindError, StorageError, TrajectoryError
+from explaind_tl.errors import ExplaindError, RecordingError, StorageError, TrajectoryError
 from explaind_tl.losses import last_token_cross_entropy
-from explaind_tl.recorder import (
-    RecordingError,
-    TrajectoryRecorder,
-    batch_schedule,
-    save_train_data,
-    train,
-)
-from explaind_tl.trajectory import Trajectory
+from explaind_tl.run import storage
+from explaind_tl.run.data import save_train_data
+from explaind_tl.run.recorder import TrajectoryRecorder
+from explaind_tl.run.training import batch_schedule, train
+from explaind_tl.run.trajectory import Trajectory
 
 TESTS = Path(__file__).parent
 STEPS, K, BS = 8, 3, 16
@@ -306,7 +302,7 @@ def test_overwrite_refuses_foreign_files_in_train_data_before_deleting_anything(
 
 
 def test_save_train_data_only_replaces_a_saved_dataset(tmp_path):
-    from explaind_tl.recorder import load_train_data, prepare_train_data
+    from explaind_tl.run.data import load_train_data, prepare_train_data
 
     ds = prepare_train_data(modular_addition(7))
     dest = tmp_path / "data"
@@ -360,7 +356,7 @@ import sys, time, torch
 sys.path[:0] = [{tests!r}, {root!r}]
 torch.set_num_threads(1)
 from test_recorder_misuse import _make_sched
-from explaind_tl.recorder import TrajectoryRecorder
+from explaind_tl.run.recorder import TrajectoryRecorder
 rec = TrajectoryRecorder.resume({run!r}, scheduler_factory=_make_sched)
 print("LOCKED", flush=True)
 time.sleep(600)

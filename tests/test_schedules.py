@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from explaind_tl import Trajectory, TrajectoryRecorder, explain
-from explaind_tl.trajectory import ReplayMismatchWarning
+from explaind_tl.run.trajectory import ReplayMismatchWarning
 
 P_MOD = 7
 STEPS, K, BS = 8, 3, 6
@@ -306,7 +306,7 @@ def _strip_hparam_columns(run):
     """Rewrite a run directory as written before per-step hyper-parameters were stored."""
     import pyarrow.parquet as pq
 
-    from explaind_tl import storage
+    from explaind_tl.run import storage
 
     man = json.loads((run / "manifest.json").read_text())
     for seg in man["segments"]:

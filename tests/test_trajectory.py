@@ -11,8 +11,9 @@ from conftest import modular_addition, tiny_model
 from explaind_tl.errors import ChecksumError, ModelMismatchError, TrajectoryError
 from explaind_tl.losses import last_token_cross_entropy
 from explaind_tl.optim import buffer_after, reconstruct_update, update_coefficients
-from explaind_tl.recorder import TrajectoryRecorder, batch_schedule, train
-from explaind_tl.trajectory import Trajectory
+from explaind_tl.run.recorder import TrajectoryRecorder
+from explaind_tl.run.training import batch_schedule, train
+from explaind_tl.run.trajectory import Trajectory
 
 OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.98), weight_decay=1.0),
@@ -178,7 +179,7 @@ def test_plain_sgd_step_records_reconstruct(recorded):
 def test_hooked_transformer_config_roundtrip():
     from conftest import tiny_config
 
-    from explaind_tl.models import (
+    from explaind_tl.model.spec import (
         hooked_transformer_config_from_dict,
         hooked_transformer_config_to_dict,
     )

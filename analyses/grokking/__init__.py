@@ -2,7 +2,8 @@
 
 Pipeline (``explaind-tl grokking`` runs all of it, :func:`run_study` is the Python entry):
 
-* :mod:`.training` — train a preset from :mod:`explaind_tl.tasks` with the trajectory recorder,
+* :mod:`.task` — the modular-addition task, its data and presets (``default``, ``nanda``, ``tiny``).
+* :mod:`.training` — train a preset with the trajectory recorder (``explaind_tl.train``),
   stopping a fixed number of steps after test accuracy reaches 99%; log ``metrics.csv``.
 * :mod:`.phases` — memorisation / circuit formation / cleanup boundaries from the curves,
   cross-checked with Nanda et al.'s progress measures computed on the checkpoints.

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from explaind_tl.tasks import GrokkingConfig, modular_addition_tensors
+from .task import GrokkingConfig, modular_addition_tensors
 
 __all__ = ["StudyResult", "run_study"]
 
@@ -42,7 +42,7 @@ class StudyResult:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from explaind_tl.storage import to_jsonable
+    from explaind_tl.run.storage import to_jsonable
 
     path.write_text(json.dumps(to_jsonable(obj), indent=2, default=str) + "\n")
 

@@ -375,7 +375,7 @@ def evaluate_claims(d: dict[str, Any]) -> list[Claim]:
         s = a.completeness.summary()
         rel = s.get("total_rel", s.get("total_max_rel"))
         claims.append(Claim(
-            "ExPLAIND is exact: the attribution sums to the output change", "ExPLAIND; DESIGN §1",
+            "ExPLAIND is exact: the attribution sums to the output change", "ExPLAIND; docs/design.md §1",
             f"relative residual of the total <= {EXACT_TOL:g} (float32 gradients, float64 certificate) and exact replay",
             f"total {a.total():+.4g}, relative residual {_f(rel)}, max per-step abs residual "
             f"{_f(s.get('step_max_abs'))}; {s.get('refined_steps')} steps refined beyond "

@@ -1,9 +1,9 @@
 """Train a grokking preset with the trajectory recorder, stopping after it has grokked.
 
-``explaind_tl.train`` runs a fixed number of steps; grokking runs must stop a fixed number of
-steps *after* test accuracy first reaches the threshold, so this module drives
-:class:`explaind_tl.TrajectoryRecorder` itself: one recorded full-batch (or minibatch) step at a
-time, with train/test loss and accuracy evaluated every ``log_every`` steps.
+Training is :func:`explaind_tl.train` (the library's one recorded training loop): its callback
+evaluates train/test loss and accuracy every ``log_every`` steps, and ``stop_when`` ends the
+run a fixed number of steps *after* test accuracy first reaches the threshold. Minibatches, when
+a config asks for them, come from the loop's seeded schedule (:func:`explaind_tl.run.training.batch_schedule`).
 
 Metric rows are indexed by parameter step: the row ``step = s`` is evaluated at ``w_s``, the
 parameters *before* update ``s`` (so ``step = 0`` is the initialisation and ``step = T`` the
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from explaind_tl.tasks import GrokkingConfig, loss_function
+from .task import GrokkingConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -101,7 +101,7 @@ def train_grokking(
     ``extra_steps`` is ``None``).
 
     Args:
-        config: A preset from :mod:`explaind_tl.tasks` (possibly modified).
+        config: A preset from :mod:`analyses.grokking.task` (possibly modified).
         run_dir: Directory of the recorded trajectory.
         progress: Show a tqdm bar with loss and train/test accuracy.
         overwrite: Replace an existing run in ``run_dir``.
@@ -110,38 +110,27 @@ def train_grokking(
         A :class:`TrainingResult`.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
-    from explaind_tl.recorder import TrajectoryRecorder
+    from explaind_tl import train
+    from explaind_tl.losses import last_token_cross_entropy
 
     cfg = config
     train_ds, test_ds = cfg.data()
     train_b, test_b = dataset_tensors(train_ds), dataset_tensors(test_ds)
     model = cfg.make_model()
     opt = cfg.make_optimizer(model)
-    rec = TrajectoryRecorder(
-        model,
-        opt,
-        run_dir,
-        train_ds,
-        loss_function(),
-        checkpoint_every=cfg.checkpoint_every,
-        overwrite=overwrite,
-    )
-    n_train = len(train_ds)
-    gen = torch.Generator().manual_seed(cfg.seed)
 
     rows: list[dict[str, float]] = []
     eval_seconds = 0.0
+    grok_step: int | None = None
+    stop_at = cfg.max_steps
 
-    def log(step: int) -> dict[str, float]:
-        nonlocal eval_seconds
+    def log(step: int, model: torch.nn.Module = model) -> dict[str, float]:
+        nonlocal eval_seconds, grok_step, stop_at
         t0 = time.perf_counter()
-        was = model.training
         model.eval()
         tr_loss, tr_acc = evaluate(model, train_b)
         te_loss, te_acc = evaluate(model, test_b)
-        model.train(was)
         row = {
             "step": step,
             "train_loss": tr_loss,
@@ -151,47 +140,37 @@ def train_grokking(
             "weight_norm": weight_norm(model),
         }
         rows.append(row)
+        if grok_step is None and step > 0 and te_acc >= cfg.stop_test_acc:
+            grok_step = step
+            if cfg.extra_steps is not None:
+                stop_at = min(cfg.max_steps, step + cfg.extra_steps)
         eval_seconds += time.perf_counter() - t0
         return row
 
+    was = model.training
     log(0)
-    grok_step: int | None = None
-    stop_at = cfg.max_steps
-    train_seconds = 0.0
-    bar = tqdm(total=cfg.max_steps, disable=not progress, desc=f"train [{cfg.name}]", unit="step")
-    try:
-        step = 0
-        while step < stop_at:
-            ids = None
-            if cfg.batch_size is not None and cfg.batch_size < n_train:
-                ids = torch.randperm(n_train, generator=gen)[: cfg.batch_size]
-            t0 = time.perf_counter()
-            loss = rec.step(ids)
-            train_seconds += time.perf_counter() - t0
-            step += 1
-            if step % cfg.log_every == 0 or step == stop_at:
-                row = log(step)
-                if grok_step is None and row["test_acc"] >= cfg.stop_test_acc:
-                    grok_step = step
-                    if cfg.extra_steps is not None:
-                        stop_at = min(cfg.max_steps, step + cfg.extra_steps)
-                        bar.total = stop_at
-                        bar.refresh()
-                bar.set_postfix(
-                    loss=f"{loss:.3g}",
-                    train_acc=f"{row['train_acc']:.3f}",
-                    test_acc=f"{row['test_acc']:.3f}",
-                    refresh=False,
-                )
-            bar.update(1)
-        if rows[-1]["step"] != step:
-            log(step)
-        t0 = time.perf_counter()
-        rec.close()
-        train_seconds += time.perf_counter() - t0
-    finally:
-        bar.close()
-    trajectory = rec.trajectory()
+    model.train(was)
+    evals_before = eval_seconds
+    t0 = time.perf_counter()
+    trajectory = train(
+        model,
+        opt,
+        train_ds,
+        last_token_cross_entropy,
+        steps=cfg.max_steps,
+        batch_size=cfg.batch_size if cfg.batch_size is not None and cfg.batch_size < len(train_ds) else None,
+        seed=cfg.seed,
+        run_dir=run_dir,
+        checkpoint_every=cfg.checkpoint_every,
+        callback=log,
+        callback_every=cfg.log_every,
+        progress=progress,
+        overwrite=overwrite,
+        stop_when=lambda step, _model: step >= stop_at,
+    )
+    step = trajectory.num_steps
+    # the loop's wall time less its evaluations: recorded steps, checkpoint writes, setup and load
+    train_seconds = time.perf_counter() - t0 - (eval_seconds - evals_before)
     return TrainingResult(
         trajectory=trajectory,
         metrics=pd.DataFrame(rows),

@@ -19,6 +19,8 @@ Presets (:data:`CONFIGS`):
 * ``tiny`` — ``p = 11``, ``d_model = 24``, 100 steps: for tests and notebooks (seconds). It
   memorises but does not grok within its step cap (small ``p`` groks late and erratically).
 
+The training loss is :func:`explaind_tl.losses.last_token_cross_entropy`.
+
 Importing this module is cheap: ``transformer_lens`` and ``datasets`` are imported inside the
 functions that need them.
 """
@@ -39,7 +41,6 @@ __all__ = [
     "CONFIGS",
     "GrokkingConfig",
     "get_config",
-    "last_token_cross_entropy",
     "modular_addition_data",
     "modular_addition_tensors",
 ]
@@ -121,28 +122,6 @@ def modular_addition_data(p: int, train_fraction: float, seed: int = 0) -> tuple
     return _to_dataset(t["train_tokens"], t["train_label"]), _to_dataset(
         t["test_tokens"], t["test_label"]
     )
-
-
-def last_token_cross_entropy(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Per-example cross-entropy of the last-position logits against ``batch["label"]``.
-
-    Uses ``explaind_tl.losses.last_token_cross_entropy`` when that module exists (so recorded
-    runs name the shared loss), with an identical local fallback.
-    """
-    logits = model(batch["tokens"])
-    if logits.ndim == 3:
-        logits = logits[:, -1, :]
-    logp = torch.log_softmax(logits, dim=-1)
-    return -logp.gather(1, batch["label"].reshape(-1, 1).long())[:, 0]
-
-
-def loss_function():
-    """The per-example training loss used for grokking runs (shared one when available)."""
-    try:
-        from explaind_tl.losses import last_token_cross_entropy as shared
-    except ImportError:  # helper module not there yet
-        return last_token_cross_entropy
-    return shared
 
 
 # --------------------------------------------------------------------------------------------

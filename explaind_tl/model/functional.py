@@ -20,8 +20,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
-from .losses import last_token_cross_entropy
-from .readout import Readout, readout_units, unsupported_reason
+from explaind_tl.losses import last_token_cross_entropy
+from explaind_tl.model import is_hooked_transformer
+from explaind_tl.model.readout import Readout, readout_units, unsupported_reason
 
 Params = dict[str, Tensor]
 
@@ -75,10 +76,6 @@ class ParamLayout:
         return out
 
 
-def _is_hooked_transformer(model: nn.Module) -> bool:
-    return type(model).__name__ == "HookedTransformer" and hasattr(model, "cfg")
-
-
 def model_input(batch: dict[str, Tensor]) -> Tensor:
     """The tensor a model is called on: ``batch["tokens"]`` (or ``batch["input"]``)."""
     if "tokens" in batch:
@@ -103,7 +100,7 @@ class QueryFunction:
         cert_dtype: dtype of the certificate forwards (float64 by default).
         position: the position a built-in metric reads; when given and the model is a
             supported HookedTransformer, every forward uses the read-out forward
-            (:mod:`explaind_tl.readout`), which :meth:`check_readout` compares with the model's own.
+            (:mod:`explaind_tl.model.readout`), which :meth:`check_readout` compares with the model's own.
     """
 
     def __init__(
@@ -194,7 +191,7 @@ class QueryFunction:
     # ------------------------------------------------------------------ kinks
     @staticmethod
     def _relu_hook_names(model: nn.Module) -> list[str]:
-        if _is_hooked_transformer(model):
+        if is_hooked_transformer(model):
             if str(model.cfg.act_fn).lower() != "relu" or model.cfg.attn_only:
                 return []
             return [f"blocks.{layer}.mlp.hook_pre" for layer in range(model.cfg.n_layers)]
@@ -208,7 +205,7 @@ class QueryFunction:
     @contextlib.contextmanager
     def _capture(self, model: nn.Module, store: list[Tensor]) -> Iterator[None]:
         """Record every ReLU pre-activation (flattened per example) during a forward."""
-        if _is_hooked_transformer(model):
+        if is_hooked_transformer(model):
 
             def hook(act: Tensor, hook) -> Tensor:  # noqa: ARG001
                 store.append(act.detach().reshape(act.shape[0], -1))
@@ -246,7 +243,7 @@ class QueryFunction:
             on = kval[:, sl].reshape(z.shape).to(z.dtype)
             return post + m * (z * on - post)
 
-        if _is_hooked_transformer(model):
+        if is_hooked_transformer(model):
             pre: dict[str, Tensor] = {}
 
             def pre_hook(act: Tensor, hook) -> Tensor:
@@ -280,7 +277,7 @@ class QueryFunction:
         other units change nothing and are ignored. ``None`` (all units) for other models or
         when the position is unknown (callable metrics).
         """
-        if position is None or not _is_hooked_transformer(self.model) or not self.hook_names:
+        if position is None or not is_hooked_transformer(self.model) or not self.hook_names:
             return None
         if getattr(self.model.cfg, "attention_dir", "causal") != "causal":
             return None
@@ -366,7 +363,7 @@ KINK_ON = "__kink_on__"  # batch key: [B, U] bool, their forced state
 def frozen_copy(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """A deep copy in ``dtype`` on ``device``, in eval mode, with gradients switched off."""
     m = copy.deepcopy(model)
-    if _is_hooked_transformer(m):
+    if is_hooked_transformer(m):
         m = m.to(device, print_details=False).to(dtype, print_details=False)
         m.cfg.dtype = dtype
     else:

@@ -1,8 +1,10 @@
-"""Model building and serialization helpers.
+"""How a run stores a model and rebuilds it (docs/design.md §5).
 
 A ``HookedTransformer`` is stored by its ``HookedTransformerConfig`` (as JSON); any other
 ``nn.Module`` by the import path (``"module:qualname"``) of a zero-argument factory. Loss
-functions are stored by import path too when they have one.
+functions are stored by import path too when they have one. :func:`resolve_import_path` is the
+one place that turns a stored import path back into an object; paths of objects that have moved
+since a run was recorded are translated by :data:`IMPORT_ALIASES` there.
 """
 
 from __future__ import annotations
@@ -15,15 +17,28 @@ import torch
 from torch import nn
 
 from explaind_tl.errors import ModelMismatchError, TrajectoryError
-from explaind_tl.storage import to_jsonable
+from explaind_tl.model import is_hooked_transformer
+from explaind_tl.run.storage import to_jsonable
 
-
-def is_hooked_transformer(model: nn.Module) -> bool:
-    """Whether ``model`` is a TransformerLens ``HookedTransformer`` (without importing TL)."""
-    for cls in type(model).__mro__:
-        if cls.__name__ == "HookedTransformer" and cls.__module__.startswith("transformer_lens"):
-            return True
-    return False
+# Stored import paths of objects that have moved: old "module:qualname" (or old module, for
+# every name in it) -> new. Run directories record loss_fn and model factories by import path;
+# these keep runs recorded before a move loading. Exact paths are looked up first.
+IMPORT_ALIASES: dict[str, str] = {
+    "explaind_tl.tasks:last_token_cross_entropy": "explaind_tl.losses:last_token_cross_entropy",
+    "explaind_tl.tasks": "analyses.grokking.task",
+    "explaind_tl.models": "explaind_tl.model.spec",
+    "explaind_tl.functional": "explaind_tl.model.functional",
+    "explaind_tl.readout": "explaind_tl.model.readout",
+    "explaind_tl.components": "explaind_tl.model.components",
+    "explaind_tl.storage": "explaind_tl.run.storage",
+    "explaind_tl.trajectory": "explaind_tl.run.trajectory",
+    "explaind_tl.recorder:TrajectoryRecorder": "explaind_tl.run.recorder:TrajectoryRecorder",
+    "explaind_tl.recorder:train": "explaind_tl.run.training:train",
+    "explaind_tl.recorder:batch_schedule": "explaind_tl.run.training:batch_schedule",
+    "explaind_tl.recorder:train_step": "explaind_tl.run.step:train_step",
+    "explaind_tl.engine:explain": "explaind_tl.engine.api:explain",
+    "explaind_tl.cli:main": "analyses.cli:main",
+}
 
 
 def hooked_transformer_config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -72,11 +87,29 @@ def import_path(obj: Any) -> str | None:
     return f"{module}:{qualname}" if resolved is obj else None
 
 
+def aliased_import_path(path: str) -> str:
+    """``path`` translated by :data:`IMPORT_ALIASES` (unchanged when nothing applies)."""
+    if path in IMPORT_ALIASES:
+        return IMPORT_ALIASES[path]
+    module, sep, qualname = path.partition(":")
+    if module in IMPORT_ALIASES:
+        return f"{IMPORT_ALIASES[module]}{sep}{qualname}"
+    return path
+
+
 def resolve_import_path(path: str) -> Any:
-    """Import ``"module:qualname"``."""
+    """Import ``"module:qualname"`` (moved objects are found under their new path).
+
+    The one function that turns a stored import path into an object: recording
+    (:func:`import_path`), loading and resuming runs all go through it.
+
+    Raises:
+        TrajectoryError: malformed, or not importable.
+    """
     module, _, qualname = path.partition(":")
     if not module or not qualname:
         raise TrajectoryError(f"malformed import path {path!r} (expected 'module:qualname')")
+    module, _, qualname = aliased_import_path(path).partition(":")
     try:
         obj: Any = importlib.import_module(module)
         for part in qualname.split("."):
@@ -118,17 +151,6 @@ def build_model(spec: Mapping[str, Any], model_factory: Callable[[], nn.Module] 
         "this run was recorded with a model_factory that is not importable (lambda or local "
         "function): pass model_factory=... to Trajectory.load / resume"
     )
-
-
-def build_model_from_manifest(manifest: Mapping[str, Any], model_factory: Callable[[], nn.Module] | None = None) -> nn.Module:
-    """Rebuild the run's model (random init) and check its parameters match the manifest.
-
-    Raises:
-        ModelMismatchError: parameter names, shapes or dtypes differ from the recording.
-    """
-    model = build_model(manifest["model"], model_factory)
-    check_model_matches(model, manifest)
-    return model
 
 
 def param_signature(model: nn.Module) -> dict[str, Any]:

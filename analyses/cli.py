@@ -8,7 +8,8 @@ Sub-commands:
 * ``explaind-tl report DIR`` — rewrite ``report.md`` and the figures of an existing study.
 
 Startup is lazy: nothing heavy (torch, transformer_lens) is imported until a sub-command runs,
-so ``explaind-tl --help`` is fast.
+so ``explaind-tl --help`` is fast. The command line lives with the studies it runs: the library
+(``explaind_tl``) imports nothing from ``analyses``.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _grokking(args: argparse.Namespace) -> int:
     import torch
 
     from analyses.grokking.pipeline import run_study
-    from explaind_tl.tasks import get_config
+    from analyses.grokking.task import get_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,9 +1,9 @@
-"""Loading recorded runs and replaying them exactly (DESIGN §5).
+"""Loading recorded runs and replaying them exactly (docs/design.md §5).
 
 A :class:`Trajectory` reads a run directory written by
-:class:`explaind_tl.recorder.TrajectoryRecorder`, validates it (manifest, sha256 of every
+:class:`explaind_tl.run.recorder.TrajectoryRecorder`, validates it (manifest, sha256 of every
 listed file) and reproduces any step by replaying from the nearest checkpoint with the shared
-:func:`explaind_tl.recorder.train_step`: same model code, same batch tensors, same optimizer
+:func:`explaind_tl.run.step.train_step`: same model code, same batch tensors, same optimizer
 implementation (``foreach=False``), the recorded hyper-parameters (``lr``, and ``betas``,
 ``eps``, ``weight_decay`` / ``momentum``, ``dampening``, ``weight_decay``) set before each step.
 Runs recorded before those were stored per step replay with the manifest's constant values.
@@ -17,7 +17,6 @@ names the first step whose replayed loss differs from the recorded one).
 from __future__ import annotations
 
 import collections
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,9 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from explaind_tl import storage
 from explaind_tl.errors import TrajectoryError
-from explaind_tl.models import build_model, check_model_matches, resolve_import_path
+from explaind_tl.model.spec import build_model, check_model_matches, resolve_import_path
 from explaind_tl.optim import (
     HPARAM_COLUMNS,
     OptimizerSpec,
@@ -40,17 +38,18 @@ from explaind_tl.optim import (
     spec_for_step,
     state_dict_by_key,
 )
-from explaind_tl.recorder import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    check_batch_ids,
-    dataset_columns,
-    gather_batch,
-    load_train_data,
-    torch_threads,
-    train_step,
+from explaind_tl.run import storage
+from explaind_tl.run.data import check_batch_ids, dataset_columns, gather_batch, load_train_data
+from explaind_tl.run.format import (
+    checkpoint_optimizer_tensors,
+    checkpoint_params,
+    checkpoint_state,
+    read_checkpoint_metadata,
+    read_manifest,
+    read_records,
+    restore_initial,
 )
+from explaind_tl.run.step import torch_threads, train_step
 
 Params = dict[str, Tensor]
 State = dict[str, dict[str, Tensor]]
@@ -174,16 +173,7 @@ class Trajectory:
         """
         self = cls()
         self.run_dir = Path(run_dir)
-        if not self.run_dir.is_dir():
-            raise TrajectoryError(f"run directory {self.run_dir} does not exist")
-        man = storage.read_json(self.run_dir / MANIFEST)
-        if man.get("format") != FORMAT:
-            raise TrajectoryError(f"{self.run_dir / MANIFEST} is not an explaind_tl trajectory manifest")
-        if man.get("format_version") != FORMAT_VERSION:
-            raise TrajectoryError(f"unsupported trajectory format version {man.get('format_version')} (this explaind_tl reads {FORMAT_VERSION})")
-        if not man.get("checkpoints"):
-            raise TrajectoryError(f"{self.run_dir} has no checkpoint")
-        self.manifest = man
+        man = self.manifest = read_manifest(self.run_dir)
         for entry in man["checkpoints"] + man["segments"]:
             storage.check_file(self.run_dir / entry["file"], entry["sha256"], check)
         data_dir = self.run_dir / man["train_data"]["path"]
@@ -217,7 +207,7 @@ class Trajectory:
         self.loss_fn = loss_fn
         self._load_records()
         self.train_data = load_train_data(data_dir)
-        self._columns = dataset_columns(self.train_data)
+        self.train_columns: dict[str, Tensor] = dataset_columns(self.train_data)
         if len(self.train_data) != self.num_train:
             raise TrajectoryError(f"training data has {len(self.train_data)} rows, manifest says {self.num_train}")
         self._work: tuple[nn.Module, torch.optim.Optimizer, list[nn.Parameter]] | None = None
@@ -229,8 +219,6 @@ class Trajectory:
         return self
 
     def _load_records(self) -> None:
-        import pyarrow.parquet as pq
-
         n = self.num_steps
         self._lr = [float("nan")] * n
         self._clip = [float("nan")] * n
@@ -246,10 +234,7 @@ class Trajectory:
         seen = 0
         for seg in self.manifest["segments"]:
             path = self.run_dir / seg["file"]
-            try:
-                t = pq.read_table(path).to_pydict()
-            except Exception as exc:
-                raise TrajectoryError(f"cannot read step records {path} (truncated or corrupted?): {exc}") from exc
+            t = read_records(path)
             for i, s in enumerate(t["step"]):
                 if not 0 <= s < n:
                     raise TrajectoryError(f"{path} has step {s} outside [0, {n})")
@@ -266,7 +251,13 @@ class Trajectory:
 
     # ------------------------------------------------------------ model + checkpoints
 
-    def _build_model(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
+        """A freshly built model as recorded: trainable parameters at their (random) init, frozen
+        parameters and buffers from the run, ``requires_grad`` and train/eval mode as recorded.
+
+        Raises:
+            ModelMismatchError: the rebuilt model does not match the recording.
+        """
         model = build_model(self.manifest["model"], self._model_factory)
         trainable = set(self.param_names)
         shapes = self.manifest.get("param_shapes", {})
@@ -274,22 +265,22 @@ class Trajectory:
             if n in shapes:
                 p.requires_grad_(n in trainable)
         check_model_matches(model, self.manifest)
-        init = self._load_checkpoint(0)
-        named = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
-        with torch.no_grad():
-            for key, t in init.items():
-                kind, _, n = key.partition("/")
-                if kind == "frozen":
-                    named[n].copy_(t)
-                elif kind == "buffer" and n in buffers:
-                    buffers[n].copy_(t)
+        restore_initial(model, self.checkpoint(0))
         model.train(self.manifest.get("model_training", True))
         return model
 
+    def load_into(self, model: nn.Module, step: int) -> None:
+        """Copy ``w_step`` and the run's frozen parameters and buffers into ``model`` (in place)."""
+        params = self.params_at(step)
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in params.items():
+                named[n].copy_(t)
+        restore_initial(model, self.checkpoint(0))
+
     def _work_model(self) -> tuple[nn.Module, torch.optim.Optimizer, list[nn.Parameter]]:
         if self._work is None:
-            model = self._build_model()
+            model = self.build_model()
             named = dict(model.named_parameters())
             params = [named[n] for n in self.param_names]
             opt = build_optimizer(self.optimizer_spec, params)
@@ -302,7 +293,10 @@ class Trajectory:
                 return c
         raise TrajectoryError(f"no checkpoint at step {step}")
 
-    def _load_checkpoint(self, step: int) -> dict[str, Tensor]:
+    def checkpoint(self, step: int) -> dict[str, Tensor]:
+        """The tensors of the checkpoint at ``step`` (a checkpoint step; read-only, cached):
+        ``param/{name}``, ``optim/{key}/{name}``, ``rng/torch``, and at step 0 ``frozen/{name}``,
+        ``buffer/{name}`` (docs/design.md §5)."""
         if step in self._ck_cache:
             return self._ck_cache[step]
         entry = self._checkpoint_entry(step)
@@ -312,28 +306,17 @@ class Trajectory:
         self._ck_cache[step] = t
         return t
 
-    def _checkpoint_meta(self, step: int) -> dict[str, Any]:
-        from safetensors import safe_open
-
-        entry = self._checkpoint_entry(step)
-        with safe_open(str(self.run_dir / entry["file"]), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        if "group" in meta:
-            meta["group"] = json.loads(meta["group"])
-        return meta
+    def checkpoint_metadata(self, step: int) -> dict[str, Any]:
+        """The metadata of the checkpoint at ``step``: ``step``, ``group`` (the param group's
+        settings) and, with a scheduler, ``scheduler`` (encoded; see
+        :func:`explaind_tl.run.format.decode_scheduler_state`)."""
+        return read_checkpoint_metadata(self.run_dir / self._checkpoint_entry(step)["file"])
 
     def _checkpoint_params(self, step: int) -> Params:
-        ck = self._load_checkpoint(step)
-        return {n: ck[f"param/{n}"].clone() for n in self.param_names}
+        return checkpoint_params(self.checkpoint(step), self.param_names)
 
     def _checkpoint_state(self, step: int) -> State:
-        ck = self._load_checkpoint(step)
-        out: State = {}
-        for k, v in ck.items():
-            if k.startswith("optim/"):
-                key, _, name = k[len("optim/") :].partition("/")
-                out.setdefault(key, {})[name] = v.clone()
-        return out
+        return checkpoint_state(self.checkpoint(step))
 
     def _check_step(self, s: int, upto: int | None = None) -> int:
         upto = self.num_steps if upto is None else upto
@@ -356,16 +339,16 @@ class Trajectory:
         per step, or only after the last step with ``final_only``.
         """
         model, opt, params = self._work_model()
-        ck = self._load_checkpoint(start_ck)
+        ck = self.checkpoint(start_ck)
         with torch.no_grad():
             for n, p in zip(self.param_names, params):
                 p.copy_(ck[f"param/{n}"])
-        load_optimizer_state(opt, {k[len("optim/") :]: v for k, v in ck.items() if k.startswith("optim/")}, self.param_names)
+        load_optimizer_state(opt, checkpoint_optimizer_tensors(ck), self.param_names)
         spec = self.optimizer_spec
         for s in range(start_ck, stop):
             ids = self.batch_ids(s)
             raw = self._ids[s]
-            batch = gather_batch(self._columns, None if raw is None else ids)
+            batch = gather_batch(self.train_columns, None if raw is None else ids)
             w_s = {n: p.detach().clone() for n, p in zip(self.param_names, params)} if capture else None
             state_before = state_dict_by_key(opt, self.param_names) if capture else None
             hp = self.hyperparameters(s)
@@ -463,16 +446,12 @@ class Trajectory:
 
     def batch(self, ids: Any) -> dict[str, Tensor]:
         """Rows ``ids`` of the training set as tensors (what ``loss_fn`` receives)."""
-        return gather_batch(self._columns, check_batch_ids(ids, self.num_train))
+        return gather_batch(self.train_columns, check_batch_ids(ids, self.num_train))
 
     def model(self, step: int = 0) -> nn.Module:
         """A freshly built model with ``w_step`` loaded, in ``eval()`` mode."""
-        model = self._build_model()
-        params = self.params_at(step)
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in params.items():
-                named[n].copy_(t)
+        model = self.build_model()
+        self.load_into(model, step)
         return model.eval()
 
     def _ranges(self, start: int, stop: int | None) -> list[tuple[int, int, int]]:

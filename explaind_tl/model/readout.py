@@ -25,13 +25,17 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from explaind_tl.model import is_hooked_transformer
+
 Params = dict[str, Tensor]
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why :class:`Readout` cannot reproduce ``model`` (``None`` when it can)."""
-    if type(model).__name__ != "HookedTransformer" or not hasattr(model, "cfg"):
+    if not is_hooked_transformer(model):
         return "not a HookedTransformer"
+    if type(model).__name__ != "HookedTransformer":
+        return f"a subclass of HookedTransformer ({type(model).__qualname__}), whose forward may differ"
     cfg = model.cfg
     checks = {
         "positional_embedding_type != 'standard'": cfg.positional_embedding_type != "standard",

@@ -1,0 +1,206 @@
+"""From the sweep's partial sums to an :class:`explaind_tl.Attribution` with its certificate.
+
+:func:`finish` arranges the accumulated entries in the axes the caller asked for
+(:func:`assemble_values`), builds the :class:`explaind_tl.certificate.Completeness` (step bounds
+from the quadrature, plus a float64 allowance for the total, :func:`assembly_allowance`), records
+``meta`` and warns or raises when the certificate fails (:func:`certificate_message`).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from explaind_tl.attribution import Attribution
+from explaind_tl.certificate import Completeness
+from explaind_tl.engine.certify import Certifier
+from explaind_tl.engine.options import ExplainOptions
+from explaind_tl.engine.plan import Plan
+from explaind_tl.engine.setup import Setup
+from explaind_tl.errors import CertificateError, CertificateWarning
+
+
+def finish(
+    ctx: Setup,
+    cert: Certifier,
+    acc: Tensor,
+    options: ExplainOptions,
+    metric_fn: Callable,
+    metric: Any,
+    reduce: str,
+    t_start: float,
+    strict: bool,
+) -> Attribution:
+    """The Attribution of a finished sweep (``acc [bin, row, component, x]``).
+
+    Raises:
+        CertificateError: ``strict`` and the certificate failed.
+
+    Warns:
+        CertificateWarning: the certificate failed (not ``strict``).
+    """
+    plan, trajectory = ctx.plan, ctx.traj
+    a, b = plan.window
+    x_labels = plan.x_labels
+    measured = plan.rows(cert.ends[b]) - plan.rows(cert.ends[a])
+    steps_sorted = list(range(a, b))
+    step_measured = torch.stack([cert.step_measured[s] for s in steps_sorted])
+    step_attr = torch.stack([cert.step_attributed[s] for s in steps_sorted])
+    attributed_rows = acc.sum(dim=(0, 2, 3))
+    update_res = 0.0
+    if "update_residual" in x_labels:
+        update_res = float(acc[..., x_labels.index("update_residual")].sum())
+    step_bound = total_bound = None
+    if all(s in cert.step_bound for s in steps_sorted):  # absent only for old resume states
+        step_bound = torch.stack([cert.step_bound[s] for s in steps_sorted])
+        total_bound = step_bound.sum(0) + assembly_allowance(acc, step_measured, plan, cert.ends[a], cert.ends[b])
+    completeness = Completeness(
+        measured=measured,
+        attributed=attributed_rows,
+        step_measured=step_measured,
+        step_residual=step_measured - step_attr,
+        nodes=torch.tensor([cert.nodes_used[s] for s in steps_sorted]),
+        refined_steps=int(sum(cert.nodes_used[s] > options.nodes for s in steps_sorted)),
+        update_residual=update_res,
+        tol=options.tol,
+        step_bound=step_bound,
+        total_bound=total_bound,
+        steps=torch.tensor(steps_sorted, dtype=torch.long),
+    )
+    values, dims, coords = assemble_values(acc, plan)
+    dtype = options.dtype
+    meta = {
+        "metric": getattr(metric_fn, "__name__", str(metric)),
+        "reduce": reduce if not plan.resolve_query else None,
+        "window": [a, b],
+        "clock": plan.clock,
+        "step_bins": plan.bin_width,
+        "tol": options.tol,
+        "nodes": options.nodes,
+        "max_nodes": options.max_nodes,
+        "adaptive_nodes": options.adaptive_nodes,
+        "kink_aware": ctx.kink_aware,
+        "forward": "readout" if ctx.qf.readout is not None else "model",
+        "query_grads": ("jvp" if ctx.directional else "grad") if plan.resolve_query and plan.clock == "realized" else None,
+        "train_grads": ("jvp" if ctx.train_jvp else "per_example") if plan.clock == "seen" else None,
+        "readout_error": ctx.readout_error,
+        "kinks": int(sum(cert.kinks_seen.values())),
+        "replay_mismatch": max((d for c, d in trajectory.replay_mismatch.items() if a < c <= b), default=0.0),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(ctx.device),
+        "optimizer": trajectory.optimizer_spec.to_dict(),
+        "seconds": time.perf_counter() - t_start,
+        "run_dir": str(trajectory.run_dir),
+    }
+    attr = Attribution(values=values, dims=dims, coords=coords, completeness=completeness, meta=meta)
+    if completeness.ok is False:
+        kinks_off = not ctx.kink_aware and ctx.qf.has_kinks
+        message = certificate_message(completeness, dtype, options.max_nodes, kinks_off)
+        if strict:
+            raise CertificateError(message, attr)
+        warnings.warn(message, CertificateWarning, stacklevel=3)
+    return attr
+
+
+def assembly_allowance(
+    acc: Tensor, step_measured: Float[Tensor, "step row"], plan: Plan, end_a: Tensor, end_b: Tensor
+) -> Float[Tensor, " row"]:
+    """Float64 rounding allowed between the total residual and the sum of the step residuals.
+
+    Both sides add the same quantities in float64 in different orders (the ends' rows vs the
+    steps' chunked rows; the entries vs the steps' inner products, through the optimizer
+    algebra on the seen clock). Allowance: ``64 * eps64 * (S + 1) * M`` per row, with ``M`` the
+    largest magnitude summed: the absolute entries of the row, its step changes and its
+    metric values at the window's ends.
+    """
+    eps = torch.finfo(torch.float64).eps
+    S = step_measured.shape[0]
+    entries = acc.abs().sum(dim=(0, 2, 3))  # [R]
+    ends = plan.rows(end_a.abs().cpu()) + plan.rows(end_b.abs().cpu())
+    scale = entries + step_measured.abs().sum(0) + ends
+    return 64.0 * eps * (S + 1) * scale
+
+
+def certificate_message(c, dtype: torch.dtype, max_nodes: int, kinks_off: bool) -> str:
+    """What failed and what to try, for the warning and the strict error."""
+    failed = c.failed_steps or []
+    w = c.worst()
+    parts = [
+        f"completeness certificate failed: {len(failed)} of {len(c.steps)} steps have a residual above "
+        f"their bound (tol={c.tol:.3g})"
+    ]
+    if failed and w is not None:
+        parts.append(
+            f"worst: step {w['step']}, |residual| {w['residual']:.3g} > bound {w['bound']:.3g} "
+            f"({w['ratio']:.3g}x); failed steps {failed[:10]}{' ...' if len(failed) > 10 else ''}"
+        )
+    if not c.total_ok:
+        r = int(torch.argmax(c.residual.abs() / c.total_bound.clamp_min(1e-300)))
+        parts.append(
+            f"the total residual {float(c.residual[r].abs()):.3g} exceeds its bound {float(c.total_bound[r]):.3g}"
+        )
+    # a failed step that could not double its nodes hit the cap; one below it stopped because
+    # refinement no longer improved it (rounding in the working dtype, or an integrand the
+    # quadrature does not resolve), where more nodes do not help
+    at_failed = c.nodes[~c.step_ok].tolist() if failed else []
+    capped = [n for n in at_failed if 2 * n > max_nodes]
+    hints = []
+    if capped or not at_failed:
+        hints.append(f"a larger max_nodes (now {max_nodes})")
+    if len(capped) < len(at_failed):
+        parts.append(
+            f"{len(at_failed) - len(capped)} failed step(s) stopped refining below max_nodes because more "
+            "nodes no longer reduced the residual"
+        )
+    if dtype != torch.float64:
+        hints.append("dtype=torch.float64")
+    if kinks_off:
+        hints.append("kink_aware='auto' (this model has ReLUs)")
+    hints.append("a looser tol")
+    parts.append("try " + ", ".join(hints) + "; see attr.completeness.failed_steps")
+    return "; ".join(parts)
+
+
+def assemble_values(acc: Tensor, plan: Plan) -> tuple[Tensor, tuple[str, ...], dict[str, list]]:
+    """``acc [bin, row, component, x]`` -> values with dims in the user's order (component first)."""
+    nb, _, nc, nx = acc.shape
+    q = plan.n_query if plan.resolve_query else 1
+    o = plan.rows_per_query
+    full = acc.reshape(nb, q, o, nc, nx)
+    internal = ["step", "query", "output", "component", "x"]
+    x_dim = "train" if plan.clock == "seen" else ("source" if "source" in plan.by else None)
+    keep = {
+        "step": "step" in plan.by,
+        "query": plan.resolve_query,
+        "output": plan.resolve_output,
+        "component": "component" in plan.by,
+        "x": x_dim is not None,
+    }
+    for i in reversed(range(len(internal))):
+        if not keep[internal[i]]:
+            full = full.sum(i)
+    kept = [d for d in internal if keep[d]]
+    names = [x_dim if d == "x" else d for d in kept]
+    order = (["component"] if "component" in names else []) + [d for d in plan.by if d != "component"]
+    order = [d for d in order if d in names]
+    values = (full.permute(*[names.index(d) for d in order]) if order else full).contiguous()
+    a, _ = plan.window
+    coords: dict[str, list] = {}
+    for d in order:
+        if d == "step":
+            coords[d] = [a + i * (plan.bin_width or 1) for i in range(nb)]
+        elif d == "component":
+            coords[d] = list(plan.component_labels)
+        elif d in ("source", "train"):
+            coords[d] = list(plan.x_labels)
+        elif d == "query":
+            coords[d] = list(range(plan.n_query))
+        elif d == "output":
+            coords[d] = list(range(plan.n_output))
+    return values, tuple(order), coords

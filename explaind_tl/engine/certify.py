@@ -1,0 +1,308 @@
+"""The certified, kink-aware quadrature of one step (docs/design.md §1).
+
+For step ``s`` the test-side feature map ``φ_s = ∫_0^1 ∇q(w_s + tΔ_s) dt`` is approximated by
+Gauss–Legendre nodes shared by a chunk of queries (:meth:`Certifier.phi`). The certificate is
+measured alongside: ``q(w_{s+1}) - q(w_s)`` by two float64 forward passes against the attributed
+``<φ̂_s, Δ_s>``, compared with :func:`explaind_tl.quadrature.residual_tolerance`; a chunk that
+misses it gets more nodes, until ``max_nodes`` or until refinement has settled or stalled. On
+ReLU models the queries whose activation pattern changes inside the step are integrated piecewise
+with the pattern forced per piece (:func:`explaind_tl.quadrature.kink_pieces`).
+
+The step ``s`` is an argument of every method; :class:`Certifier` keeps only the per-step
+results (nodes used, measured and attributed changes, bounds, kinks) and the node counts the next
+step of each chunk starts with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from explaind_tl.engine.options import ExplainOptions
+from explaind_tl.engine.plan import take
+from explaind_tl.engine.setup import Setup
+from explaind_tl.model.functional import KINK_MASK, KINK_ON, Params
+from explaind_tl.quadrature import gauss_legendre, kink_pieces, kink_points, residual_tolerance
+
+# adaptive refinement also stops once doubling the nodes changes every failing row's attributed
+# total by less than this fraction of its residual (the quadrature has converged; the rest is
+# rounding in the working dtype)
+SETTLED = 0.1
+# ... or once two doublings in a row shrink the worst residual/bound ratio by less than this factor
+STALLED = 0.7
+# a step whose worst residual is below this fraction of its bound lets the next start with fewer nodes
+COMFORTABLE = 0.1
+
+
+class Certifier:
+    """``φ̂_s`` of each step, refined against its certificate, and the certificate's records.
+
+    Args:
+        ctx: the shared state of the call.
+        options: ``tol``, ``nodes``, ``max_nodes`` and ``adaptive_nodes`` are used.
+    """
+
+    def __init__(self, ctx: Setup, options: ExplainOptions) -> None:
+        self.ctx = ctx
+        self.tol = options.tol
+        self.nodes = options.nodes
+        self.max_nodes = options.max_nodes
+        self.adaptive_nodes = options.adaptive_nodes
+        self.start_nodes: dict[int, int] = {}  # query chunk -> nodes its next step starts with
+        self.cooldown: dict[int, tuple[int, int]] = {}  # query chunk -> (steps to wait, next wait)
+        self.nodes_used: dict[int, int] = {}
+        self.kinks_seen: dict[int, int] = {}
+        self.ends: dict[int, Tensor] = {}
+        self.n_units = 0
+        self.step_measured: dict[int, Tensor] = {}
+        self.step_attributed: dict[int, Tensor] = {}
+        # per step, the bound its residual was compared against ([rows], summed over chunks)
+        self.step_bound: dict[int, Tensor] = {}
+
+    def endpoint(self, params: Params, step: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Metric values ``[Q, O]`` (float64) and ReLU pre-activations at a trajectory point.
+
+        Values at the window's ends are kept (``self.ends``) for the total certificate.
+        """
+        out = self._endpoint(params)
+        if step is not None and step in self.ctx.plan.window:
+            self.ends[step] = out[0]
+        if step is not None and (step in self.ctx.plan.window or step in self.ctx.checkpoints) and self.ctx.qf.readout is not None:
+            # the read-out forward measures the certificate: compare it with TransformerLens on
+            # every query at the window's ends and at every checkpoint inside it
+            p = self.ctx.to_cert(params)
+            for idx in self.ctx.chunks():
+                err = self.ctx.qf.check_readout(self.ctx.batch["tokens"][idx], p, strict=True)
+                self.ctx.note_readout_error(err)
+        return out
+
+    def _endpoint(self, params: Params) -> tuple[Tensor, Tensor | None]:
+        p = self.ctx.to_cert(params)
+        vals, pre = [], []
+        for idx in self.ctx.chunks():
+            sub = take(self.ctx.batch, idx)
+            if self.ctx.kink_aware:
+                v, z = self.ctx.qf.values_and_preacts(p, sub)
+                # only the units that can reach the metric are ever inspected for kinks
+                pre.append((z[:, self.ctx.unit_filter.to(z.device)] if self.ctx.unit_filter is not None else z).cpu())
+            else:
+                v = self.ctx.qf.values(p, sub)
+            vals.append(v)
+        return torch.cat(vals).to(torch.float64), (torch.cat(pre) if pre else None)
+
+    # ------------------------------------------------------------- quadrature
+    def _kinks(self, s: int, w: Params, delta: Params, idx: Tensor, t_nodes: Tensor, z0: Tensor, z1: Tensor, scan_all: bool):
+        """Sign changes of the chunk's relevant ReLU pre-activations, sampled at 0, the nodes and 1.
+
+        Only queries with a sign change between the segment's ends are sampled at the nodes,
+        unless ``scan_all`` (used when the certificate asks for refinement, to catch units that
+        switch twice inside the segment).
+        """
+        idx = idx.cpu()
+        a, b = (z0, z1) if len(idx) == len(z0) else (z0[idx], z1[idx])  # relevant units only (endpoint)
+        cand = torch.arange(len(idx)) if scan_all else torch.nonzero(((a * b) < 0).any(1)).reshape(-1)
+        empty = torch.zeros(0, dtype=torch.long)
+        if len(cand) == 0:
+            return empty, empty, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+        sub = take(self.ctx.batch, idx[cand].to(self.ctx.device))
+        inner = []
+        for tj in t_nodes.tolist():
+            p = {k: w[k] + tj * delta[k] for k in self.ctx.names}
+            zj = self.ctx.qf.values_and_preacts(p, sub, cert=False)[1].to(torch.float64).cpu()
+            inner.append(zj[:, self.ctx.unit_filter] if self.ctx.unit_filter is not None else zj)
+        z = torch.stack([a[cand], *inner, b[cand]], dim=1)  # [q, m, U']
+        t = torch.cat([torch.zeros(1, dtype=torch.float64), t_nodes, torch.ones(1, dtype=torch.float64)])
+        q, u, ts, on = kink_points(t, z)
+        if self.ctx.unit_filter is not None:
+            u = self.ctx.unit_index[u]
+        self.kinks_seen[s] = self.kinks_seen.get(s, 0) + len(q)
+        return idx[cand][q], u, ts, on
+
+    def _phi_chunk(
+        self,
+        s: int,
+        w: Params,
+        delta: Params,
+        idx: Tensor,
+        n: int,
+        ends: tuple[Tensor, Tensor] | None,
+        tangents: Params | None = None,
+    ) -> Float[Tensor, "row param_or_tangent"]:
+        """``φ̂`` for the rows of one query chunk with ``n`` shared Gauss–Legendre nodes.
+
+        Queries whose ReLUs switch inside the segment are expanded into one row per smooth piece,
+        with the activation pattern forced and the piece's weights (:func:`kink_pieces`). With
+        ``tangents`` (dict of ``[T, *shape]``; per-query rows only) the result is ``<φ̂, t>`` for
+        each tangent, ``[rows, T]``, from forward-mode derivatives instead of gradients.
+        """
+        plan = self.ctx.plan
+        t_nodes, w_nodes = gauss_legendre(n)
+        idx_cpu = idx.cpu()
+        rows_q, weights, force = idx_cpu, w_nodes[None, :].expand(len(idx_cpu), n), None
+        if ends is not None:
+            q, u, ts, on = self._kinks(s, w, delta, idx, t_nodes, *ends, scan_all=n > self.nodes)
+            if len(q):
+                self.n_units = len(self.ctx.unit_filter) if self.ctx.unit_filter is not None else ends[0].shape[1]
+                kp = kink_pieces(t_nodes, q, u, ts, on)
+                smooth = idx_cpu[~torch.isin(idx_cpu, kp.query)]
+                rows_q = torch.cat([smooth, kp.query])
+                weights = torch.cat([w_nodes[None, :].expand(len(smooth), n), kp.weights])
+                mask = torch.zeros(len(rows_q), self.n_units, dtype=torch.bool)
+                val = torch.zeros(len(rows_q), self.n_units, dtype=torch.bool)
+                mask[len(smooth) + kp.force_row, kp.force_unit] = True
+                val[len(smooth) + kp.force_row, kp.force_unit] = kp.force_on
+                force = (mask.to(self.ctx.device), val.to(self.ctx.device))
+        # local position of each row's query inside the chunk
+        pos = torch.searchsorted(idx_cpu, rows_q)
+        sub = take(self.ctx.batch, rows_q.to(self.ctx.device))
+        if force is not None:
+            sub = {**sub, KINK_MASK: force[0], KINK_ON: force[1]}
+        n_rows = (len(idx) if plan.resolve_query else 1) * plan.rows_per_query
+        width = self.ctx.layout.numel if tangents is None else next(iter(tangents.values())).shape[0]
+        phi = torch.zeros(n_rows, width, dtype=torch.float64, device=self.ctx.device)
+        o = plan.rows_per_query
+        for j, tj in enumerate(t_nodes.tolist()):
+            p = {k: w[k] + tj * delta[k] for k in self.ctx.names}
+            wj = weights[:, j]
+            if tangents is not None:
+                d = self.ctx.qf.per_query_directional(p, sub, tangents, plan.resolve_output)  # [T, rows, O']
+                d = d.to(torch.float64) * wj.to(self.ctx.device, torch.float64)[None, :, None]
+                per_q = torch.zeros(d.shape[0], len(idx), o, dtype=torch.float64, device=self.ctx.device)
+                per_q.index_add_(1, pos.to(self.ctx.device), d)
+                phi += per_q.reshape(d.shape[0], -1).T
+            elif plan.resolve_query:
+                g = self.ctx.qf.per_query_grad(p, sub, plan.resolve_output)  # [rows, O', *shape]
+                # the weighted pieces of each query summed in the working dtype, one parameter at a
+                # time, as a product with the [queries, rows] weight matrix: the [rows, O', P] block
+                # is read once and never copied to float64
+                pieces = torch.zeros(len(idx), len(rows_q), dtype=self.ctx.dtype, device=self.ctx.device)
+                pieces[pos.to(self.ctx.device), torch.arange(len(rows_q), device=self.ctx.device)] = wj.to(self.ctx.device, self.ctx.dtype)
+                for name, sl in self.ctx.layout.slices.items():
+                    phi[:, sl] += (pieces @ g[name].reshape(len(rows_q), -1)).reshape(len(idx) * o, -1)
+            else:
+                rw = (plan.weights[rows_q] * wj).to(self.ctx.device)
+                g = self.ctx.qf.aggregate_grad(p, sub, rw, plan.resolve_output)  # [O', *]
+                phi += self.ctx.layout.flatten(g, lead=1, dtype=torch.float64)
+        return phi
+
+    def phi(
+        self,
+        s: int,
+        w_s: Params,
+        w_next: Params,
+        q0: tuple[Tensor, Tensor | None],
+        q1: tuple[Tensor, Tensor | None],
+        vectors: Tensor | None = None,
+    ) -> Float[Tensor, "row param_or_vector"]:
+        """``φ̂_s`` for all rows, refined against the certificate; records nodes, measured and
+        attributed change and the bound the residual was compared against (``step_bound``: the
+        last :func:`residual_tolerance` of each chunk, summed over chunks; a chunk that stops
+        refining at ``max_nodes`` or when refinement settles or stalls keeps its failing bound).
+
+        With ``vectors`` (``[T, P]`` float64 whose sum is ``Δ_s``), returns ``<φ̂_s, v>`` for each
+        instead, ``[rows, T]``, from forward-mode derivatives (per-query rows). The certificate's
+        rounding allowance then uses ``Σ_v |<φ̂_s, v>|`` for ``Σ_p |φ̂_p Δ_p|``.
+        """
+        plan = self.ctx.plan
+        w = self.ctx.to_work(w_s)
+        delta64 = {k: w_next[k].to(self.ctx.device, torch.float64) - w_s[k].to(self.ctx.device, torch.float64) for k in self.ctx.names}
+        delta = {k: v.to(self.ctx.dtype) for k, v in delta64.items()}
+        dflat = self.ctx.layout.flatten(delta64)
+        ends = (q0[1], q1[1]) if (self.ctx.kink_aware and q0[1] is not None) else None
+        tangents = None if vectors is None else self.ctx.layout.unflatten(vectors.to(self.ctx.device, self.ctx.dtype))
+        width = self.ctx.layout.numel if vectors is None else vectors.shape[0]
+        phi = torch.zeros(plan.n_rows, width, dtype=torch.float64, device=self.ctx.device)
+        measured = torch.zeros(plan.n_rows, dtype=torch.float64)
+        attributed = torch.zeros(plan.n_rows, dtype=torch.float64)
+        bounds = torch.zeros(plan.n_rows, dtype=torch.float64)
+        n_max = 0
+        for idx in self.ctx.chunks():
+            rs = self.ctx.row_slice(idx)
+            meas = plan.rows(q1[0][idx], idx) - plan.rows(q0[0][idx], idx)
+            n0 = n = self.start_nodes.get(int(idx[0]), self.nodes)
+            att_prev, worst_prev, stalls = None, math.inf, 0
+            while True:
+                self.kinks_seen[s] = 0
+                part = self._phi_chunk(s, w, delta, idx, n, ends, tangents)
+                if tangents is None:
+                    att, mag = part @ dflat, part.abs() @ dflat.abs()
+                else:
+                    att, mag = part.sum(1), part.abs().sum(1)
+                res = (meas - att).abs()
+                bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps)
+                failing = res > bound
+                if not bool(failing.any()) or n * 2 > self.max_nodes:
+                    break
+                # Stop refining once what is left is rounding in the working dtype (e.g. float32
+                # gradients of saturated log-probs), not quadrature error: either doubling the
+                # nodes moved every failing row by much less than its residual, or two doublings
+                # in a row did not shrink the worst residual/bound ratio.
+                worst = float((res / bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
+                stalls = stalls + 1 if worst > STALLED * worst_prev else 0
+                if stalls >= 2:
+                    break
+                if att_prev is not None and bool(((att - att_prev).abs()[failing] <= SETTLED * res[failing]).all()):
+                    break
+                att_prev, worst_prev = att, worst
+                n *= 2
+            if self.adaptive_nodes:
+                margin = float((res / bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
+                self._adapt_start(int(idx[0]), n0, n, margin)
+            n_max = max(n_max, n)
+            phi[rs] += part
+            measured[rs] += meas.cpu()
+            attributed[rs] += att.cpu()
+            bounds[rs] += bound.cpu()
+        self.nodes_used[s] = n_max
+        self.step_measured[s] = measured
+        self.step_attributed[s] = attributed
+        self.step_bound[s] = bounds
+        return phi
+
+    def _adapt_start(self, key: int, n0: int, n: int, margin: float) -> None:
+        """Step control for the nodes a chunk's next step starts with (like an ODE solver's).
+
+        After a comfortable pass (worst residual below ``COMFORTABLE`` of its bound) at the
+        starting count, the next step tries half as many nodes (down to 1); a step that needed
+        refinement sends the next back to ``nodes``. A failed try at fewer nodes doubles the
+        number of comfortable steps to wait before the next try (up to 64), so a regime where
+        fewer nodes do not suffice costs little.
+        """
+        cool, wait = self.cooldown.get(key, (0, 1))
+        if n > n0:  # refined
+            if n0 < self.nodes:  # a try at fewer nodes failed: back off
+                wait = min(2 * wait, 64)
+                cool = wait
+            self.start_nodes[key] = self.nodes
+        elif margin < COMFORTABLE:
+            if n0 < self.nodes:
+                wait = 1  # fewer nodes work here
+            if cool > 0:
+                cool -= 1
+            else:
+                self.start_nodes[key] = max(1, n0 // 2)
+        self.cooldown[key] = (cool, wait)
+
+    def snapshot(self) -> dict:
+        """The bookkeeping so far, for a resume state."""
+        return {
+            "nodes_used": dict(self.nodes_used),
+            "step_measured": dict(self.step_measured),
+            "step_attributed": dict(self.step_attributed),
+            "step_bound": dict(self.step_bound),
+            "ends": dict(self.ends),
+            "kinks_seen": dict(self.kinks_seen),
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`snapshot` (of a resume state)."""
+        self.nodes_used = dict(state["nodes_used"])
+        self.step_measured = dict(state["step_measured"])
+        self.step_attributed = dict(state["step_attributed"])
+        # partial states written before bounds were recorded: those steps' verdict is unknown
+        self.step_bound = dict(state.get("step_bound", {}))
+        self.ends = dict(state["ends"])
+        self.kinks_seen = dict(state["kinks_seen"])

@@ -1,0 +1,119 @@
+"""How :func:`explaind_tl.explain` computes: the numerical options as one value.
+
+:class:`ExplainOptions` groups what changes the cost and the accuracy of a result but not what it
+means (tolerance, quadrature nodes, kink handling, adaptivity, working dtype, the forward and the
+derivative paths, chunk sizes). ``explain(..., options=ExplainOptions(tol=1e-8, nodes=4))`` and
+``explain(..., tol=1e-8, nodes=4)`` are the same call; a keyword given next to ``options``
+replaces that one field. Every field is checked when the options are made, before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from explaind_tl.engine.validate import check_choice, check_dtype, check_flag, check_int, check_tol
+
+# train_grads -> the most tangents (rows x components) for which the train axis uses jvp
+TRAIN_GRADS = {"auto": 12, "jvp": 2**62, "per_example": 0}
+# query_grads -> the most tangents (sources x components) for which per-query rows use jvp
+QUERY_GRADS = {"auto": 64, "jvp": 2**62, "grad": 0}
+
+
+class _Unset:
+    """Default of explain's option keywords: "take the value from ``options``"."""
+
+    def __repr__(self) -> str:
+        return "<from options>"
+
+
+UNSET: Any = _Unset()
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """The numerical options of :func:`explaind_tl.explain` (see its docstring for each).
+
+    Attributes:
+        tol: per-step relative tolerance of the certificate (finite, > 0).
+        nodes: Gauss–Legendre nodes per smooth piece to start a step with (>= 1).
+        max_nodes: cap for adaptive refinement (>= ``nodes``).
+        kink_aware: cut segments where ReLU pre-activations change sign: True, False or
+            ``"auto"`` (when the model has observable ReLUs).
+        adaptive_nodes: start the next step with fewer nodes after a comfortable pass.
+        dtype: working dtype of gradients, ``torch.float32`` or ``torch.float64``; ``None``:
+            the trajectory's.
+        fast_forward: use the read-out forward where it is supported (checked before use).
+        train_grads: ``"auto"``, ``"jvp"`` or ``"per_example"`` (the train axis).
+        query_grads: ``"auto"``, ``"jvp"`` or ``"grad"`` (per-query rows, realized clock).
+        query_chunk: queries per chunk; ``None``: chosen from the plan and the model size.
+        train_chunk: training examples per chunk of per-example gradients.
+
+    Raises:
+        TypeError, ValueError: a field of the wrong type or value (as ``explain`` would).
+    """
+
+    tol: float = 1e-6
+    nodes: int = 2
+    max_nodes: int = 16
+    kink_aware: bool | str = "auto"
+    adaptive_nodes: bool = True
+    dtype: torch.dtype | None = None
+    fast_forward: bool = True
+    train_grads: str = "auto"
+    query_grads: str = "auto"
+    query_chunk: int | None = None
+    train_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        check_choice("train_grads", self.train_grads, tuple(TRAIN_GRADS))
+        check_choice("query_grads", self.query_grads, tuple(QUERY_GRADS))
+        nodes = check_int("nodes", self.nodes, minimum=1)
+        max_nodes = check_int("max_nodes", self.max_nodes, minimum=1)
+        if max_nodes < nodes:
+            raise ValueError(f"need 1 <= nodes <= max_nodes, got nodes={nodes}, max_nodes={max_nodes}")
+        if self.kink_aware != "auto" and not isinstance(self.kink_aware, bool):
+            raise TypeError(f"kink_aware must be True, False or 'auto', got {self.kink_aware!r}")
+        normalized = {
+            "tol": check_tol(self.tol),
+            "nodes": nodes,
+            "max_nodes": max_nodes,
+            "dtype": None if self.dtype is None else check_dtype(self.dtype),
+            "query_chunk": None if self.query_chunk is None else check_int("query_chunk", self.query_chunk, minimum=1),
+            "train_chunk": check_int("train_chunk", self.train_chunk, minimum=1),
+        }
+        for name in ("fast_forward", "adaptive_nodes"):
+            check_flag(name, getattr(self, name))
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes: Any) -> ExplainOptions:
+        """A copy with some fields changed (checked like a new one)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def merge(cls, options: ExplainOptions | None, **keywords: Any) -> ExplainOptions:
+        """``options`` (default: all defaults) with the keywords that were given (not
+        :data:`UNSET`) replacing their fields.
+
+        Raises:
+            TypeError: ``options`` is not an ``ExplainOptions``.
+        """
+        if options is None:
+            options = cls()
+        elif not isinstance(options, cls):
+            raise TypeError(f"options must be an ExplainOptions, got {type(options).__name__}")
+        given = {k: v for k, v in keywords.items() if v is not UNSET}
+        return options.replace(**given) if given else options
+
+    @property
+    def kinks(self) -> bool:
+        """Whether kink-aware quadrature is wanted (``"auto"`` counts as yes: the engine then
+        uses it when the model has ReLUs)."""
+        return self.kink_aware == "auto" or bool(self.kink_aware)
+
+
+__all__ = ["QUERY_GRADS", "TRAIN_GRADS", "UNSET", "ExplainOptions"]

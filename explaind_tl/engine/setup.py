@@ -1,0 +1,168 @@
+"""What every sweep of the engine shares: the parameter layout, the query function, the
+component index, the queries on the device, and the optimizer algebra of a step.
+
+:class:`Setup` is built once per :func:`explaind_tl.explain` call, after the plan. It holds no
+per-step state: the certified quadrature (:mod:`.certify`) and the sweeps (:mod:`.realized`,
+:mod:`.seen`) keep theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from explaind_tl.engine.options import TRAIN_GRADS, ExplainOptions
+from explaind_tl.engine.plan import Plan
+from explaind_tl.model.functional import ParamLayout, Params, QueryFunction
+from explaind_tl.optim import buffer_after, update_coefficients_for
+
+
+class Setup:
+    """The shared state of one explain call.
+
+    Args:
+        trajectory: the run.
+        batch: the queries (``normalize_queries``), moved to ``device`` here.
+        metric_fn: ``(logits, batch) -> [Q] or [Q, O]``.
+        plan: what is computed.
+        cmap: the component map, or ``None`` without a component axis.
+        options: the resolved options (``dtype`` and ``query_chunk`` set).
+        device: where the work runs.
+        position: the position a built-in metric reads (``None`` for a callable metric).
+        directional: per-query rows by forward-mode derivatives (``query_grads``).
+    """
+
+    def __init__(
+        self,
+        trajectory: Any,
+        batch: dict[str, Tensor],
+        metric_fn: Callable,
+        plan: Plan,
+        cmap: Any,
+        options: ExplainOptions,
+        device: torch.device,
+        position: int | None,
+        directional: bool,
+    ) -> None:
+        dtype = options.dtype
+        self.traj = trajectory
+        self.plan = plan
+        self.options = options
+        self.dtype = dtype
+        self.device = device
+        # replay the next segment in a background thread when there is a core to spare
+        self.prefetch = torch.get_num_threads() > 1
+        self.query_chunk = options.query_chunk
+        self.train_chunk = options.train_chunk
+        self.jvp_chunk = options.train_chunk  # activations of a chunk are what the jvp holds: memory flat in N_train
+        self.batch = {k: v.to(device) for k, v in batch.items()}
+        model = trajectory.model()
+        self.names = list(trajectory.param_names)
+        params0 = dict(model.named_parameters())
+        self.layout = ParamLayout(tuple(self.names), tuple(params0[n].shape for n in self.names))
+        self.fast_forward = options.fast_forward
+        self.qf = QueryFunction(
+            model, self.names, metric_fn, dtype=dtype, device=device, position=position if options.fast_forward else None
+        )
+        # the read-out forward is checked against TransformerLens on the queries before use
+        self.readout_error = None
+        self.checkpoints = set(trajectory.checkpoint_steps)
+        if "tokens" in self.batch:
+            self.readout_error = self.qf.check_readout(self.batch["tokens"][:64])
+        else:
+            self.qf.readout = self.qf.cert_readout = None
+        self.kink_aware = options.kinks and self.qf.has_kinks
+        self.unit_filter = self.unit_index = None
+        if self.kink_aware and "tokens" in self.batch:
+            self.unit_filter = self.qf.relevant_units(self.batch["tokens"].shape[1], position)
+            if self.unit_filter is not None:
+                self.unit_index = torch.nonzero(self.unit_filter).reshape(-1)
+        self.spec = trajectory.optimizer_spec
+        self.cmap = cmap
+        if cmap is not None:
+            self.flat_index = self._flat_component_index(cmap).to(device)
+            self.n_comp = len(cmap.labels)
+        else:
+            self.flat_index = None
+            self.n_comp = 1
+        self.eps = torch.finfo(dtype).eps
+        # per-query rows on the realized clock: forward-mode derivatives along each (update vector,
+        # component) instead of per-query gradients
+        self.directional = directional
+        # train axis: data entries by forward-mode derivatives when rows x components are few
+        self.train_jvp = plan.n_rows * self.n_comp <= TRAIN_GRADS[options.train_grads]
+        self._onehot: Tensor | None = None
+
+    def note_readout_error(self, err: float | None) -> None:
+        """Keep the largest read-out difference seen (``meta["readout_error"]``)."""
+        if err is not None:
+            self.readout_error = max(self.readout_error or 0.0, err)
+
+    # ---------------------------------------------------------------- layout
+    def _flat_component_index(self, cmap) -> Tensor:
+        parts = []
+        for name in self.names:
+            if name not in cmap.index:
+                raise ValueError(f"component map does not cover trainable parameter {name!r}")
+            parts.append(cmap.index[name].reshape(-1).long())
+        return torch.cat(parts)
+
+    def reduce(self, prod: Float[Tensor, "... param"]) -> Float[Tensor, "... component"]:
+        """Per-component sums of a flat product (or the plain sum without a component axis)."""
+        if self.flat_index is None:
+            return prod.sum(-1, keepdim=True)
+        return self.cmap.reduce_flat(prod)
+
+    def per_component(self, V: Float[Tensor, "vector param"]) -> Float[Tensor, "tangent param"]:
+        """Each vector restricted to each component, ``[X * C, P]`` (vector-major); ``V`` itself
+        without a component axis."""
+        if self.flat_index is None:
+            return V
+        if self._onehot is None:
+            self._onehot = torch.zeros(self.n_comp, self.layout.numel, dtype=torch.float64, device=self.device)
+            self._onehot[self.flat_index, torch.arange(self.layout.numel, device=self.device)] = 1.0
+        return (V[:, None, :] * self._onehot[None].to(V.dtype)).reshape(-1, V.shape[1])
+
+    def flat64(self, d: Params) -> Tensor:
+        return self.layout.flatten({k: v.to(self.device) for k, v in d.items()}, dtype=torch.float64)
+
+    def to_work(self, d: Params) -> Params:
+        return {k: d[k].to(self.device, self.dtype) for k in self.names}
+
+    def to_cert(self, d: Params) -> Params:
+        return {k: d[k].to(self.device, self.qf.cert_dtype) for k in self.names}
+
+    def chunks(self) -> list[Tensor]:
+        q = self.plan.n_query
+        return [torch.arange(i, min(i + self.query_chunk, q), device=self.device) for i in range(0, q, self.query_chunk)]
+
+    def row_slice(self, idx: Tensor) -> slice:
+        if not self.plan.resolve_query:
+            return slice(0, self.plan.rows_per_query)
+        o = self.plan.rows_per_query
+        return slice(int(idx[0]) * o, (int(idx[-1]) + 1) * o)
+
+    # ---------------------------------------------------------- optimizer algebra
+    def step_spec(self, rec):
+        """The optimizer spec of step ``rec.step``: hyper-parameters may change between steps."""
+        return rec.spec if getattr(rec, "spec", None) is not None else self.spec
+
+    def beta_of(self, s: int) -> float:
+        """``β_s`` (Adam: ``beta1``; SGD: ``momentum``) of step ``s``, from the recorded hyper-parameters."""
+        spec = self.traj.optimizer_spec_at(s)
+        return spec.betas[0] if spec.kind in ("adam", "adamw") else spec.momentum
+
+    def coefficients(self, rec):
+        """``β_s, c_s, P_s, e_s`` and the decays of step ``rec.step``, from that step's spec."""
+        first = not rec.state_before or not any(rec.state_before.values())
+        return update_coefficients_for(self.step_spec(rec), rec.lr, rec.step_count, rec.state_after, first, rec.params)
+
+    def buffer(self, state: dict, spec=None) -> Tensor:
+        """The flat float64 momentum buffer held in an optimizer state (zero when absent)."""
+        if not state or not any(state.values()):
+            return torch.zeros(self.layout.numel, dtype=torch.float64, device=self.device)
+        return self.flat64(buffer_after(spec or self.spec, state))

@@ -1,0 +1,36 @@
+"""The model seam: everything that knows TransformerLens internals lives in this package.
+
+The rest of explaind_tl sees a model only through these modules:
+
+* :mod:`.spec` — how a run directory stores a model and rebuilds it (a ``HookedTransformer`` by
+  its config, anything else by a factory's import path), parameter signatures, and the one
+  place that resolves stored import paths (:func:`.spec.resolve_import_path`).
+* :mod:`.functional` — the model as pure functions of its trainable parameters for
+  ``torch.func``: metric values, gradients, ReLU pre-activations and forcing, training-loss
+  gradients and jvps (:class:`.functional.QueryFunction`, :class:`.functional.LossFunction`).
+* :mod:`.readout` — the read-out forward of a ``HookedTransformer`` (only what reaches the
+  metric's position).
+* :mod:`.components` — :class:`.components.ComponentMap`, the partition of the parameters into
+  heads, MLPs, embeddings (TransformerLens naming), or any user-defined grouping.
+
+:func:`is_hooked_transformer` is the single test of "is this a TransformerLens model" that all
+of them use. TransformerLens 4 replaces ``HookedTransformer`` by ``TransformerBridge``; an
+adapter for it belongs here (a second branch in these modules), and the engine and the run stay
+as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def is_hooked_transformer(model: Any) -> bool:
+    """Whether ``model`` is a TransformerLens ``HookedTransformer`` or a subclass of it.
+
+    Decided by the class hierarchy (a class named ``HookedTransformer`` defined in a
+    ``transformer_lens`` module), so transformer_lens is never imported to answer.
+    """
+    for cls in type(model).__mro__:
+        if cls.__name__ == "HookedTransformer" and cls.__module__.startswith("transformer_lens"):
+            return True
+    return False
