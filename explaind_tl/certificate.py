@@ -180,6 +180,17 @@ class Completeness:
             "ratio": float(ratio[s, row]),
         }
 
+    def worst_total(self) -> dict[str, float | int] | None:
+        """The row whose total residual is largest relative to its bound.
+
+        Returns:
+            ``{"row", "residual", "bound"}`` (``residual`` absolute), or ``None`` without a bound.
+        """
+        if self.total_bound is None or self.residual.numel() == 0:
+            return None
+        r = int(torch.argmax(self.residual.abs() / self.total_bound.clamp_min(1e-300)))
+        return {"row": r, "residual": float(self.residual[r].abs()), "bound": float(self.total_bound[r])}
+
     def verdict(self) -> str:
         """One line: whether the certificate holds, and where it does not."""
         ok = self.ok
@@ -198,11 +209,8 @@ class Completeness:
                 f"{w['bound']:.3g}"
             )
         if not self.total_ok:
-            r = int(torch.argmax(self.residual.abs() / self.total_bound.clamp_min(1e-300)))
-            parts.append(
-                f"total |residual| {float(self.residual[r].abs()):.3g} above its bound "
-                f"{float(self.total_bound[r]):.3g}"
-            )
+            t = self.worst_total()
+            parts.append(f"total |residual| {t['residual']:.3g} above its bound {t['bound']:.3g}")
         return "; ".join(parts)
 
     def summary(self) -> dict[str, float | int | bool | None]:

@@ -52,6 +52,33 @@ def modular_addition(p: int = 7, frac: float = 1.0, seed: int = 0) -> dict[str, 
     return {"tokens": tokens, "label": label}
 
 
+def modular_data(p: int = 7, n_train: int = 14, n_test: int = 5, seed: int = 0):
+    """A seeded permutation of all ``p**2`` pairs: ``n_train`` training rows, then ``n_test`` test rows."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(p * p, generator=g)
+    a, b = perm // p, perm % p
+    tokens = torch.stack([a, b, torch.full_like(a, p)], 1)
+    labels = (a + b) % p
+    train = {"tokens": tokens[:n_train], "label": labels[:n_train]}
+    test = {"tokens": tokens[n_train : n_train + n_test], "label": labels[n_train : n_train + n_test]}
+    return train, test
+
+
 @pytest.fixture
 def tiny_data():
     return modular_addition(7)
+
+
+class DiesAfterOneSegment:
+    """A trajectory whose replay dies after its first checkpoint segment (a killed explain job)."""
+
+    def __init__(self, traj) -> None:
+        self._traj = traj
+
+    def __getattr__(self, name):
+        return getattr(self._traj, name)
+
+    def segments(self, *args, **kwargs):
+        it = self._traj.segments(*args, **kwargs)
+        yield next(it)
+        raise RuntimeError("killed")

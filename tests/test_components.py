@@ -6,22 +6,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
 from explaind_tl.model.components import ComponentMap
-
-BASE = dict(
-    n_layers=1,
-    d_model=16,
-    d_head=4,
-    n_heads=4,
-    d_mlp=32,
-    d_vocab=8,
-    d_vocab_out=7,
-    n_ctx=3,
-    act_fn="relu",
-    normalization_type=None,
-)
 
 CONFIGS = {
     "plain": {},
@@ -35,10 +23,7 @@ CONFIGS = {
 def _model(**extra):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        torch.manual_seed(0)
-        return HookedTransformer(HookedTransformerConfig(**{**BASE, **extra}))
+        return tiny_model(7, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -12,23 +12,13 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import DiesAfterOneSegment, modular_data
 from torch import nn
 
 from explaind_tl import Trajectory, TrajectoryRecorder, explain
 from explaind_tl.errors import CertificateWarning, QueryError
 
 P_MOD = 7
-
-
-def modular_data(p: int = P_MOD, n_train: int = 14, n_test: int = 5, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(p * p, generator=g)
-    a, b = perm // p, perm % p
-    tokens = torch.stack([a, b, torch.full_like(a, p)], 1)
-    labels = (a + b) % p
-    train = {"tokens": tokens[:n_train], "label": labels[:n_train]}
-    test = {"tokens": tokens[n_train : n_train + n_test], "label": labels[n_train : n_train + n_test]}
-    return train, test
 
 
 def tiny_transformer(act_fn: str = "gelu", seed: int = 0, p: int = P_MOD):
@@ -340,28 +330,13 @@ def test_bad_queries(gelu_run):
         explain(traj, test, by=("time",), progress=False)
 
 
-class _DiesAfterOneSegment:
-    """A trajectory whose replay dies after its first checkpoint segment (a killed job)."""
-
-    def __init__(self, traj) -> None:
-        self._traj = traj
-
-    def __getattr__(self, name):
-        return getattr(self._traj, name)
-
-    def segments(self, *args, **kwargs):
-        it = self._traj.segments(*args, **kwargs)
-        yield next(it)
-        raise RuntimeError("killed")
-
-
 @pytest.mark.parametrize("by", [("step", "component"), ("train", "component")])
 def test_resume_dir_continues(gelu_run, tmp_path, by):
     traj, test = gelu_run
     kw = dict(by=by, components="head", dtype=torch.float64, progress=False)
     ref = explain(traj, test, **kw)
     with pytest.raises(RuntimeError, match="killed"):
-        explain(_DiesAfterOneSegment(traj), test, resume_dir=tmp_path / "part", **kw)
+        explain(DiesAfterOneSegment(traj), test, resume_dir=tmp_path / "part", **kw)
     assert (tmp_path / "part" / "explain_state.pt").exists()
     resumed = explain(traj, test, resume_dir=tmp_path / "part", **kw)
     again = explain(traj, test, resume_dir=tmp_path / "part", **kw)  # everything already done

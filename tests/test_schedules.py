@@ -17,23 +17,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import DiesAfterOneSegment, modular_data
 
 from explaind_tl import Trajectory, TrajectoryRecorder, explain
 from explaind_tl.run.trajectory import ReplayMismatchWarning
 
 P_MOD = 7
 STEPS, K, BS = 8, 3, 6
-
-
-def modular_data(p: int = P_MOD, n_train: int = 14, n_test: int = 5, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(p * p, generator=g)
-    a, b = perm // p, perm % p
-    tokens = torch.stack([a, b, torch.full_like(a, p)], 1)
-    labels = (a + b) % p
-    train = {"tokens": tokens[:n_train], "label": labels[:n_train]}
-    test = {"tokens": tokens[n_train : n_train + n_test], "label": labels[n_train : n_train + n_test]}
-    return train, test
 
 
 def tiny_transformer(seed: int = 0, p: int = P_MOD):
@@ -403,21 +393,6 @@ def test_reduce_lr_on_plateau_resume_matches_uninterrupted(tmp_path):
     assert len({traj.lr(s) for s in range(STEPS)}) > 1 and traj.verify(progress=False).ok
 
 
-class _DiesAfterOneSegment:
-    """A trajectory whose replay dies after its first checkpoint segment (a killed explain job)."""
-
-    def __init__(self, traj) -> None:
-        self._traj = traj
-
-    def __getattr__(self, name):
-        return getattr(self._traj, name)
-
-    def segments(self, *args, **kwargs):
-        it = self._traj.segments(*args, **kwargs)
-        yield next(it)
-        raise RuntimeError("killed")
-
-
 def test_interrupted_train_axis_resumes_with_the_right_beta(tmp_path):
     """The adjoint needs β_{s+1} of the step after a resumed segment: it comes from the records."""
     traj, _, _ = record(tmp_path, "sgd_momentum_onecycle")
@@ -425,7 +400,7 @@ def test_interrupted_train_axis_resumes_with_the_right_beta(tmp_path):
     kw = dict(by=("train",), metric="correct_logprob", dtype=torch.float64, tol=1e-12, progress=False)
     ref = explain(traj, test, **kw)
     with pytest.raises(RuntimeError, match="killed"):
-        explain(_DiesAfterOneSegment(traj), test, resume_dir=tmp_path / "part", **kw)
+        explain(DiesAfterOneSegment(traj), test, resume_dir=tmp_path / "part", **kw)
     resumed = explain(traj, test, resume_dir=tmp_path / "part", **kw)
     torch.testing.assert_close(resumed.values, ref.values, rtol=0, atol=1e-13 * float(ref.values.abs().max()))
     _assert_complete(resumed)

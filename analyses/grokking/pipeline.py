@@ -138,6 +138,13 @@ def run_study(
     timings["swap"] = time.perf_counter() - t0
 
     # ---- 4. ExPLAIND ------------------------------------------------------------------------
+    def influence(name: str, queries: dict, dtype: Any) -> None:
+        """Per-component influence on ``queries``: saved, tabulated, split by phase."""
+        attr = component_influence(traj, queries, step_bin=cfg.step_bin, dtype=dtype, progress=progress)
+        attr.save(out / "attributions" / f"components_{name}.safetensors")
+        influence_table(attr, phases).to_csv(out / f"components_{name}.csv", index=False)
+        phase_shares(attr, phases).to_csv(out / f"phase_shares_{name}.csv", index=False)
+
     if explain:
         t0 = time.perf_counter()
         n_teq = cfg.n_test_queries if n_test_queries is None else n_test_queries
@@ -146,10 +153,7 @@ def run_study(
             f"explaining the mean test log-prob ({int(test_q['label'].shape[0])} test examples) over "
             f"{traj.num_steps} steps x components x sources"
         )
-        attr_test = component_influence(traj, test_q, step_bin=cfg.step_bin, progress=progress)
-        attr_test.save(out / "attributions" / "components_test.safetensors")
-        influence_table(attr_test, phases).to_csv(out / "components_test.csv", index=False)
-        phase_shares(attr_test, phases).to_csv(out / "phase_shares_test.csv", index=False)
+        influence("test", test_q, None)
         timings["explain_test"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -158,10 +162,7 @@ def run_study(
         say(f"explaining the mean train log-prob ({int(train_q['label'].shape[0])} training examples, float64)")
         # memorised examples' log-probs saturate near 0: float32 gradients would leave ~1e-4
         # relative rounding in the certificate, float64 costs ~1.2x on CPU and is exact
-        attr_train = component_influence(traj, train_q, step_bin=cfg.step_bin, dtype=torch.float64, progress=progress)
-        attr_train.save(out / "attributions" / "components_train.safetensors")
-        influence_table(attr_train, phases).to_csv(out / "components_train.csv", index=False)
-        phase_shares(attr_train, phases).to_csv(out / "phase_shares_train.csv", index=False)
+        influence("train", train_q, torch.float64)
         timings["explain_train"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -141,10 +141,8 @@ def certificate_message(c, dtype: torch.dtype, max_nodes: int, kinks_off: bool) 
             f"({w['ratio']:.3g}x); failed steps {failed[:10]}{' ...' if len(failed) > 10 else ''}"
         )
     if not c.total_ok:
-        r = int(torch.argmax(c.residual.abs() / c.total_bound.clamp_min(1e-300)))
-        parts.append(
-            f"the total residual {float(c.residual[r].abs()):.3g} exceeds its bound {float(c.total_bound[r]):.3g}"
-        )
+        t = c.worst_total()
+        parts.append(f"the total residual {t['residual']:.3g} exceeds its bound {t['bound']:.3g}")
     # a failed step that could not double its nodes hit the cap; one below it stopped because
     # refinement no longer improved it (rounding in the working dtype, or an integrand the
     # quadrature does not resolve), where more nodes do not help
