@@ -24,20 +24,23 @@ from explaind_tl.run.storage import to_jsonable
 # every name in it) -> new. Run directories record loss_fn and model factories by import path;
 # these keep runs recorded before a move loading. Exact paths are looked up first.
 IMPORT_ALIASES: dict[str, str] = {
+    # names that left their module for another one than the module's successor below
     "explaind_tl.tasks:last_token_cross_entropy": "explaind_tl.losses:last_token_cross_entropy",
+    "explaind_tl.recorder:train": "explaind_tl.run.training:train",
+    "explaind_tl.recorder:batch_schedule": "explaind_tl.run.training:batch_schedule",
+    "explaind_tl.recorder:train_step": "explaind_tl.run.step:train_step",
+    "explaind_tl.recorder:RecordingError": "explaind_tl.errors:RecordingError",
+    # modules that moved (every other name in them)
     "explaind_tl.tasks": "analyses.grokking.task",
+    "explaind_tl.cli": "analyses.cli",
     "explaind_tl.models": "explaind_tl.model.spec",
     "explaind_tl.functional": "explaind_tl.model.functional",
     "explaind_tl.readout": "explaind_tl.model.readout",
     "explaind_tl.components": "explaind_tl.model.components",
     "explaind_tl.storage": "explaind_tl.run.storage",
     "explaind_tl.trajectory": "explaind_tl.run.trajectory",
-    "explaind_tl.recorder:TrajectoryRecorder": "explaind_tl.run.recorder:TrajectoryRecorder",
-    "explaind_tl.recorder:train": "explaind_tl.run.training:train",
-    "explaind_tl.recorder:batch_schedule": "explaind_tl.run.training:batch_schedule",
-    "explaind_tl.recorder:train_step": "explaind_tl.run.step:train_step",
-    "explaind_tl.engine:explain": "explaind_tl.engine.api:explain",
-    "explaind_tl.cli:main": "analyses.cli:main",
+    "explaind_tl.recorder": "explaind_tl.run.recorder",
+    "explaind_tl.engine": "explaind_tl.engine.api",
 }
 
 

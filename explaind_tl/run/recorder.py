@@ -14,18 +14,20 @@ from there.
 A step is atomic: it is either fully recorded, or the model, the optimizer and the scheduler
 are exactly as before it and the error says why (bad input and settings that cannot change
 mid-run are refused before the step; a failure after ``optimizer.step()`` restores a snapshot
-taken just before it). One recorder writes a run directory at a time (an OS lock,
-:class:`explaind_tl.storage.RunLock`), and ``overwrite=True`` only ever deletes the files of a
+taken just before it; :mod:`explaind_tl.run.atomic`). One recorder writes a run directory at a time (an OS lock,
+:class:`explaind_tl.run.storage.RunLock`), and ``overwrite=True`` only ever deletes the files of a
 recorded run, never other files.
 
-Recording and replay (:class:`explaind_tl.trajectory.Trajectory`) share :func:`train_step`,
+Recording and replay (:class:`explaind_tl.run.trajectory.Trajectory`) share
+:func:`explaind_tl.run.step.train_step`,
 use torch's single-tensor optimizer code (``foreach=False``), the same batch tensors and the
 same number of CPU threads, so replay on the same machine is bitwise identical. The recorded
 steps run single-threaded by default: multi-threaded CPU kernels are not bitwise reproducible
 (their results depend on memory alignment and scheduling), and a small-lr Adam run amplifies a
 1e-8 difference in one step's gradient into 1e-2 parameter differences within 100 steps.
 
-:func:`train` is a convenience loop (full batch or seeded shuffled minibatches) on top.
+:func:`explaind_tl.run.training.train` is a convenience loop (full batch or seeded shuffled
+minibatches) on top. What the files hold is :mod:`explaind_tl.run.format`.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class TrajectoryRecorder:
         run_dir: New or empty directory (the recorder holds an OS lock on it, file
             ``recorder.lock``, until :meth:`close`).
         train_data: ``datasets.Dataset`` / dict of tensors / tensor (see
-            :func:`prepare_train_data`).
+            :func:`explaind_tl.run.data.prepare_train_data`).
         loss_fn: ``loss_fn(model, batch) -> [B]`` per-example losses; stored by import path
             when importable, else :meth:`Trajectory.load` needs ``loss_fn=``.
         checkpoint_every: ``K``: full checkpoint every K steps (and at the end).
