@@ -171,7 +171,8 @@ def check_report(out: Path, config: str) -> pd.DataFrame:
     from analyses.grokking.claims import count_verdicts, verdict_line
 
     line = verdict_line(count_verdicts(claims["verdict"]))
-    assert study.summary["claims"] == line and f"**{line}.**" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["claims"] == line and f"**{line}.**" in report
     # the alignment claim is decided from the saved per-query attributions, with its bootstrap
     align = claims[claims["claim"].str.contains("aligned late")].iloc[0]
     assert align["verdict"] != "not run" and "bootstrap std" in align["evidence"]
@@ -179,7 +180,7 @@ def check_report(out: Path, config: str) -> pd.DataFrame:
     for f in FIGURES:
         assert f in figs
         assert f"figures/{f}" in report
-    assert json.loads((out / "summary.json").read_text())["config"] == config
+    assert summary["config"] == config
     return claims
 
 
