@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import modular_addition, tiny_model
+from conftest import assert_close_scaled, modular_addition, tiny_model
 from torch.func import grad
 
 from explaind_tl import Trajectory, TrajectoryRecorder, explain
@@ -58,7 +58,7 @@ def test_logits_and_gradients_match_transformer_lens(name, position, n_tokens):
     with torch.no_grad():
         ref = model(tok)[:, position]
     assert ours.shape == ref.shape
-    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert_close_scaled(ours, ref, 1e-12)  # float64 rounding relative to the largest logit
 
     metric, _ = resolve_metric("correct_logprob", position)
     fast = QueryFunction(model, list(params), metric, dtype=torch.float64, position=position)
@@ -67,18 +67,17 @@ def test_logits_and_gradients_match_transformer_lens(name, position, n_tokens):
     w = torch.linspace(0.5, 1.5, len(tok), dtype=torch.float64)
     g_fast = fast.aggregate_grad(params, batch, w, False)
     g_slow = slow.aggregate_grad(params, batch, w, False)
-    for k in params:
-        torch.testing.assert_close(g_fast[k], g_slow[k], rtol=1e-10, atol=1e-12)
+    # gradients are compared as a family: rounding is relative to the largest gradient, and some
+    # (e.g. attention key biases: softmax is shift-invariant) are analytically zero
+    assert_close_scaled(g_fast, g_slow, 1e-12)
     pq_fast = fast.per_query_grad(params, batch, False)
     pq_slow = slow.per_query_grad(params, batch, False)
-    for k in params:
-        torch.testing.assert_close(pq_fast[k], pq_slow[k], rtol=1e-10, atol=1e-12)
+    assert_close_scaled(pq_fast, pq_slow, 1e-12)
     # an independent gradient: plain autograd through TransformerLens
     m = randomised(CONFIGS[name])
     lp = torch.log_softmax(m(tok)[:, position], -1).gather(1, label[:, None])[:, 0]
     (lp * w).sum().backward()
-    for k, p in m.named_parameters():
-        torch.testing.assert_close(g_fast[k][0], p.grad, rtol=1e-10, atol=1e-12)
+    assert_close_scaled({k: g[0] for k, g in g_fast.items()}, {k: p.grad for k, p in m.named_parameters()}, 1e-12)
 
 
 @pytest.mark.parametrize("position", [-1, 1])
@@ -95,7 +94,7 @@ def test_preacts_and_forced_relus_match_hooks(position):
     keep = readout_units(model.cfg, tok.shape[1], position)
     assert z_fast.shape == z_slow.shape
     assert 0 < int(keep.sum()) < keep.numel()
-    torch.testing.assert_close(z_fast[:, keep], z_slow[:, keep], rtol=1e-12, atol=1e-12)
+    assert_close_scaled(z_fast[:, keep], z_slow[:, keep], 1e-12)
     assert bool((z_fast[:, ~keep] == 0).all())
     # force a random set of relevant units on or off (against their natural state too)
     g = torch.Generator().manual_seed(3)
@@ -107,8 +106,10 @@ def test_preacts_and_forced_relus_match_hooks(position):
     g_slow = slow.aggregate_grad(params, forced, w, False)
     g_free = slow.aggregate_grad(params, batch, w, False)
     assert max(float((g_slow[k] - g_free[k]).abs().max()) for k in params) > 1e-3  # forcing matters
-    for k in params:
-        torch.testing.assert_close(g_fast[k], g_slow[k], rtol=1e-10, atol=1e-12)
+    # blocks.0.attn.b_K's gradient is analytically zero: both paths leave rounding noise relative
+    # to the largest gradient (~9e3 here), so the family's scale is the right one; forcing units
+    # through a 2-layer model amplifies rounding (~2e-13 of the largest seen), hence 1e-11
+    assert_close_scaled(g_fast, g_slow, 1e-11)
 
 
 def test_unsupported_models_fall_back():
@@ -145,7 +146,7 @@ def test_explain_same_with_and_without_readout(relu_run):
     assert fast.meta["forward"] == "readout" and slow.meta["forward"] == "model"
     assert fast.meta["readout_error"] < 1e-12
     assert fast.meta["kinks"] > 0
-    torch.testing.assert_close(fast.values, slow.values, rtol=1e-9, atol=1e-12)
+    assert_close_scaled(fast.values, slow.values, 1e-9)  # both certified to tol=1e-10 per step
     assert fast.completeness.summary()["total_rel"] < 1e-10
 
 
@@ -217,18 +218,16 @@ def test_training_loss_through_readout_matches(relu_run):
     slow = LossFunction(model, last_token_cross_entropy, torch.float64, "cpu")
     assert fast.readout is not None and slow.readout is None
     assert fast.check_readout(batch["tokens"]) < 1e-12
-    torch.testing.assert_close(fast.losses(params, batch), slow.losses(params, batch), rtol=1e-12, atol=1e-14)
+    assert_close_scaled(fast.losses(params, batch), slow.losses(params, batch), 1e-12)
     g_fast, g_slow = fast.per_example_grad(params, batch), slow.per_example_grad(params, batch)
-    for k in params:
-        torch.testing.assert_close(g_fast[k], g_slow[k], rtol=1e-10, atol=1e-13)
+    assert_close_scaled(g_fast, g_slow, 1e-12)
     g = torch.Generator().manual_seed(0)
     tangents = {k: torch.randn((3, *v.shape), generator=g, dtype=torch.float64) for k, v in params.items()}
-    torch.testing.assert_close(fast.per_example_dots(params, batch, tangents), slow.per_example_dots(params, batch, tangents),
-                               rtol=1e-10, atol=1e-13)
+    assert_close_scaled(fast.per_example_dots(params, batch, tangents), slow.per_example_dots(params, batch, tangents), 1e-12)
     # a custom loss function is never replaced
     custom = LossFunction(model, lambda m, b: last_token_cross_entropy(m, b) * 2, torch.float64, "cpu", fast_forward=True)
     assert custom.readout is None
     # explain on the train axis agrees with and without the read-out forward
     kw = dict(by=("component", "train"), components="head", dtype=torch.float64, tol=1e-10, progress=False)
     a, b = explain(traj, test, **kw), explain(traj, test, fast_forward=False, **kw)
-    torch.testing.assert_close(a.values, b.values, rtol=1e-9, atol=1e-12)
+    assert_close_scaled(a.values, b.values, 1e-9)  # both certified to tol=1e-10 per step
