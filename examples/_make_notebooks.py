@@ -1,7 +1,7 @@
 """Generate the example notebooks (``python examples/_make_notebooks.py``).
 
 The notebooks are written without outputs from the cell sources below, so they stay consistent
-with the API; ``tests/test_notebooks.py`` executes them on the ``tiny`` config (seconds). Each
+with the API; ``tests/integration/test_notebooks.py`` executes them on the ``tiny`` config (seconds). Each
 notebook runs from the repository root or from ``examples/``.
 """
 

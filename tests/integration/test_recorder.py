@@ -46,7 +46,7 @@ def _record(run, upto=STEPS):
 
 CHILD = """
 import os, signal, sys, torch
-sys.path[:0] = [{tests!r}, {root!r}]
+sys.path[:0] = [{tests!r}, {conftest!r}, {root!r}]
 torch.set_num_threads(1)
 import explaind_tl.run.storage as storage
 from test_recorder import _record
@@ -64,7 +64,7 @@ raise SystemExit("not killed")
 def test_crash_then_resume_matches_uninterrupted_run(tmp_path):
     run = tmp_path / "crashed"
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(CHILD.format(tests=str(TESTS), root=str(TESTS.parent), run=str(run))))
+    script.write_text(textwrap.dedent(CHILD.format(tests=str(TESTS), conftest=str(TESTS.parent), root=str(TESTS.parents[1]), run=str(run))))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
 

@@ -353,7 +353,7 @@ def test_lock_is_released_when_a_with_block_fails(tmp_path):
 
 HOLDER = """
 import sys, time, torch
-sys.path[:0] = [{tests!r}, {root!r}]
+sys.path[:0] = [{tests!r}, {conftest!r}, {root!r}]
 torch.set_num_threads(1)
 from test_recorder_misuse import _make_sched
 from explaind_tl.run.recorder import TrajectoryRecorder
@@ -369,7 +369,7 @@ def test_lock_across_processes_and_stale_lock_after_kill(tmp_path):
         for ids in SCHEDULE[:4]:
             rec.step(ids)
     script = tmp_path / "holder.py"
-    script.write_text(textwrap.dedent(HOLDER.format(tests=str(TESTS), root=str(TESTS.parent), run=str(run))))
+    script.write_text(textwrap.dedent(HOLDER.format(tests=str(TESTS), conftest=str(TESTS.parent), root=str(TESTS.parents[1]), run=str(run))))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
