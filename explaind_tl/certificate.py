@@ -46,7 +46,7 @@ class Completeness:
     The verdict: step ``s`` passes when ``|step_residual[s, r]| <= step_bound[s, r]`` for every
     row ``r``; the certificate is ``ok`` when every step passes and the total residual is within
     ``total_bound``. ``step_bound`` is the bound :func:`explaind_tl.explain` compared each step
-    against (``tol * |step change| + 16 * eps * Σ_p |φ_p Δ_p|``, see
+    against (``tol * |step change| + 16 * eps * Σ_p |φ_p Δ_p| + 8 * eps64 * logit scale``, see
     :func:`explaind_tl.quadrature.residual_tolerance`), summed over query chunks. A certificate
     without bounds (files saved by older versions) has ``ok``, ``step_ok`` and ``failed_steps``
     ``None``: unknown, not passed.

@@ -221,16 +221,29 @@ def _unit_neighbours(
     return first, last
 
 
+# the float64 forward measures q(w_{s+1}) - q(w_s) with an absolute rounding error of a few
+# float64 epsilons times the size of the logits it is read from (log-softmax, logit differences):
+# a residual below MEASUREMENT_ROUNDING * eps64 * (scale at both ends) is below what it can see
+MEASUREMENT_ROUNDING = 8.0
+
+
 def residual_tolerance(
     measured: Float[Tensor, "row"],
     magnitude: Float[Tensor, "row"],
     tol: float,
     eps: float,
+    value_scale: Float[Tensor, "row"] | None = None,
 ) -> Float[Tensor, "row"]:
-    """The per-row bound a step's certificate residual must meet.
+    """The per-row bound a step's certificate residual must meet (docs/design.md §1).
 
-    ``|r| <= tol * |measured change| + 16 * eps * magnitude`` where ``magnitude`` is the sum of
-    absolute products ``Σ_p |φ_p Δ_p|`` (the floating-point noise floor of the inner product
-    computed in the working dtype, whose unit roundoff is ``eps``).
+    ``|r| <= tol * |measured change| + 16 * eps * magnitude + 8 * eps64 * value_scale`` where
+    ``magnitude`` is the sum of absolute products ``Σ_p |φ_p Δ_p|`` (the floating-point noise
+    floor of the inner product computed in the working dtype, whose machine epsilon is ``eps``)
+    and ``value_scale`` is the largest logit magnitude at the step's two ends (summed over the
+    row's queries and outputs): the rounding floor of the float64 forwards that measure the
+    change. Without it (``None``) only the first two terms apply.
     """
-    return tol * measured.abs() + 16.0 * eps * magnitude
+    bound = tol * measured.abs() + 16.0 * eps * magnitude
+    if value_scale is not None:
+        bound = bound + MEASUREMENT_ROUNDING * torch.finfo(torch.float64).eps * value_scale.to(bound)
+    return bound

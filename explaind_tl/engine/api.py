@@ -100,8 +100,9 @@ def explain(
             (``"head"``, ``"block"``, ``"neuron"``, ``"parameter"``) or a ``ComponentMap``.
         reduce: ``"sum"`` or ``"mean"`` over queries when ``"query"`` is not in ``by``.
         tol: per-step relative tolerance of the certificate (finite, > 0): a step passes when
-            ``|residual| <= tol * |step change| + 16 * eps * Σ_p |φ_p Δ_p|`` (the rounding floor
-            of the working dtype); failing steps get more nodes, up to ``max_nodes``.
+            ``|residual| <= tol * |step change| + 16 * eps * Σ_p |φ_p Δ_p| + 8 * eps64 * L`` (the
+            rounding floors of the working dtype and of the float64 forwards, ``L`` the largest
+            logit magnitude at the step's ends); failing steps get more nodes, up to ``max_nodes``.
         steps: window ``(a, b)``: explain ``q(w_b) - q(w_a)``; default the whole run.
         step_bins: width of step bins (``None``: one bin per step); needs ``"step"`` in ``by``.
         position: token position the built-in metrics read (last by default); an int in

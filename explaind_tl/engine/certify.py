@@ -62,8 +62,9 @@ class Certifier:
         # per step, the bound its residual was compared against ([rows], summed over chunks)
         self.step_bound: dict[int, Tensor] = {}
 
-    def endpoint(self, params: Params, step: int | None = None) -> tuple[Tensor, Tensor | None]:
-        """Metric values ``[Q, O]`` (float64) and ReLU pre-activations at a trajectory point.
+    def endpoint(self, params: Params, step: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Metric values ``[Q, O]`` (float64), ReLU pre-activations and each query's largest logit
+        magnitude ``[Q]`` (the certificate's measurement floor) at a trajectory point.
 
         Values at the window's ends are kept (``self.ends``) for the total certificate.
         """
@@ -79,19 +80,20 @@ class Certifier:
                 self.ctx.note_readout_error(err)
         return out
 
-    def _endpoint(self, params: Params) -> tuple[Tensor, Tensor | None]:
+    def _endpoint(self, params: Params) -> tuple[Tensor, Tensor | None, Tensor]:
         p = self.ctx.to_cert(params)
-        vals, pre = [], []
+        vals, pre, scale = [], [], []
         for idx in self.ctx.chunks():
             sub = take(self.ctx.batch, idx)
             if self.ctx.kink_aware:
-                v, z = self.ctx.qf.values_and_preacts(p, sub)
+                v, z = self.ctx.qf.values_and_preacts(p, sub, scale=scale)
                 # only the units that can reach the metric are ever inspected for kinks
                 pre.append((z[:, self.ctx.unit_filter.to(z.device)] if self.ctx.unit_filter is not None else z).cpu())
             else:
-                v = self.ctx.qf.values(p, sub)
+                v = self.ctx.qf.values(p, sub, scale=scale)
             vals.append(v)
-        return torch.cat(vals).to(torch.float64), (torch.cat(pre) if pre else None)
+        vals = torch.cat(vals).to(torch.float64)
+        return vals, (torch.cat(pre) if pre else None), torch.cat(scale).to(vals.device, torch.float64)
 
     # ------------------------------------------------------------- quadrature
     def _kinks(self, s: int, w: Params, delta: Params, idx: Tensor, t_nodes: Tensor, z0: Tensor, z1: Tensor, scan_all: bool):
@@ -222,6 +224,9 @@ class Certifier:
         for idx in self.ctx.chunks():
             rs = self.ctx.row_slice(idx)
             meas = plan.rows(q1[0][idx], idx) - plan.rows(q0[0][idx], idx)
+            # rounding floor of the float64 forwards that measured it: logit scale at both ends
+            sc = (q0[2][idx] + q1[2][idx])[:, None].expand(len(idx), q0[0].shape[1])
+            floor = plan.rows(sc, idx)
             n0 = n = self.start_nodes.get(int(idx[0]), self.nodes)
             att_prev, worst_prev, stalls = None, math.inf, 0
             while True:
@@ -232,7 +237,7 @@ class Certifier:
                 else:
                     att, mag = part.sum(1), part.abs().sum(1)
                 res = (meas - att).abs()
-                bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps)
+                bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps, floor)
                 failing = res > bound
                 if not bool(failing.any()) or n * 2 > self.max_nodes:
                     break

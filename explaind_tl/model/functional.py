@@ -132,8 +132,16 @@ class QueryFunction:
         return frozen_copy(model, dtype, self.device)
 
     # ----------------------------------------------------------------- forward
-    def _values(self, params: Params, batch: dict[str, Tensor], cert: bool = False, store: list[Tensor] | None = None) -> Tensor:
-        """Metric values ``[Q, O]``; ReLU pre-activations ``[Q, U]`` are appended to ``store``.
+    def _values(
+        self,
+        params: Params,
+        batch: dict[str, Tensor],
+        cert: bool = False,
+        store: list[Tensor] | None = None,
+        scale: list[Tensor] | None = None,
+    ) -> Tensor:
+        """Metric values ``[Q, O]``; ReLU pre-activations ``[Q, U]`` are appended to ``store``,
+        each query's largest logit magnitude ``[Q]`` to ``scale``.
 
         ``cert=True`` evaluates in ``cert_dtype`` (the certificate), otherwise in the working
         dtype; either through the read-out forward when it is in use, else the model's own.
@@ -157,6 +165,8 @@ class QueryFunction:
                 logits = functional_call(model, params, (x,))
             if store is not None:
                 store[:] = [torch.cat(store, dim=1)]
+        if scale is not None:
+            scale.append(logits.detach().abs().flatten(1).amax(1))
         v = self.metric(logits, batch)
         return v if v.ndim == 2 else v.unsqueeze(-1)
 
@@ -183,10 +193,13 @@ class QueryFunction:
             self.readout = self.cert_readout = None
         return err
 
-    def values(self, params: Params, batch: dict[str, Tensor], cert: bool = True) -> Float[Tensor, "query output"]:
-        """Metric values ``[Q, O]`` (``O = 1`` for a scalar metric), no gradient."""
+    def values(
+        self, params: Params, batch: dict[str, Tensor], cert: bool = True, scale: list[Tensor] | None = None
+    ) -> Float[Tensor, "query output"]:
+        """Metric values ``[Q, O]`` (``O = 1`` for a scalar metric), no gradient; each query's
+        largest logit magnitude ``[Q]`` is appended to ``scale`` when given."""
         with torch.no_grad():
-            return self._values(params, batch, cert)
+            return self._values(params, batch, cert, scale=scale)
 
     # ------------------------------------------------------------------ kinks
     @staticmethod
@@ -284,14 +297,14 @@ class QueryFunction:
         return readout_units(self.model.cfg, n_pos, position)
 
     def values_and_preacts(
-        self, params: Params, batch: dict[str, Tensor], cert: bool = True
+        self, params: Params, batch: dict[str, Tensor], cert: bool = True, scale: list[Tensor] | None = None
     ) -> tuple[Float[Tensor, "query output"], Float[Tensor, "query unit"] | None]:
-        """Metric values and the ReLU pre-activations (flattened per query)."""
+        """Metric values and the ReLU pre-activations (flattened per query); see :meth:`values`."""
         if not self.has_kinks:
-            return self.values(params, batch, cert), None
+            return self.values(params, batch, cert, scale), None
         store: list[Tensor] = []
         with torch.no_grad():
-            v = self._values(params, batch, cert, store)
+            v = self._values(params, batch, cert, store, scale)
         return v, store[0]
 
     # --------------------------------------------------------------- gradients

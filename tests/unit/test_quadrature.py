@@ -71,3 +71,23 @@ def test_lagrange_integrals_sum_to_interval_length():
     hi = torch.tensor([1.0, 0.5, 0.95], dtype=torch.float64)
     L = lagrange_integrals(t, lo, hi)
     assert_close_scaled(L.sum(1), hi - lo, 1e-14, scale=float(L.abs().sum(1).max()))
+
+
+def test_residual_tolerance_measurement_floor():
+    """The float64 forwards' rounding floor (logit scale) joins the bound; without it, as before."""
+    from explaind_tl.quadrature import MEASUREMENT_ROUNDING, residual_tolerance
+
+    eps64 = torch.finfo(torch.float64).eps
+    measured = torch.tensor([1e-13, 2.0], dtype=torch.float64)
+    magnitude = torch.tensor([1e-13, 2.0], dtype=torch.float64)
+    scale = torch.tensor([40.0, 40.0], dtype=torch.float64)
+    plain = residual_tolerance(measured, magnitude, 1e-6, eps64)
+    torch.testing.assert_close(plain, 1e-6 * measured + 16 * eps64 * magnitude, rtol=1e-15, atol=0)
+    floored = residual_tolerance(measured, magnitude, 1e-6, eps64, scale)
+    floor = MEASUREMENT_ROUNDING * eps64 * scale
+    torch.testing.assert_close(floored - plain, floor, rtol=1e-12, atol=0)
+    # a residual of a few eps64 x |logits| passes a near-zero step only through the floor
+    residual = torch.tensor([4 * eps64 * 40.0, 0.0], dtype=torch.float64)
+    assert bool(residual[0] > plain[0]) and bool(residual[0] <= floored[0])
+    # ... and one above the floor still fails
+    assert bool(2 * floor[0] > floored[0])
