@@ -47,6 +47,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from . import safe_format
 from .errors import CertificateError, CertificateWarning, QueryError
 from .functional import (
     KINK_MASK,
@@ -840,13 +841,14 @@ class _Resume:
     def __init__(self, path: Path, fingerprint: str) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.file = self.path / "explain_state.pt"
+        self.file = self.path / safe_format.EXPLAIN_STATE  # safetensors + JSON: loading runs no code
         self.fingerprint = fingerprint
 
     def load(self) -> dict | None:
+        safe_format.check_legacy_explain_state(self.path)
         if not self.file.exists():
             return None
-        state = torch.load(self.file, weights_only=False)
+        state = safe_format.load_state(self.file)
         if state.get("fingerprint") != self.fingerprint:
             raise QueryError(
                 f"{self.file} holds partial results of a different explain() call; use another resume_dir or delete it"
@@ -854,9 +856,7 @@ class _Resume:
         return state
 
     def save(self, state: dict) -> None:
-        tmp = self.file.with_suffix(".tmp")
-        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
-        os.replace(tmp, self.file)
+        safe_format.save_state(self.file, {**state, "fingerprint": self.fingerprint})
 
 
 def prefetched(segments: Iterator[list], enabled: bool) -> Iterator[list]:
@@ -950,6 +950,7 @@ def explain(
     query_grads: str = "auto",
     adaptive_nodes: bool = True,
     strict: bool = False,
+    trust_remote_code: bool = False,
 ):
     """Rewrite the trained model's output change exactly as a sum over steps, components, examples.
 
@@ -997,7 +998,12 @@ def explain(
             train_chunk: training examples per
             chunk of per-example gradients.
         progress: show tqdm progress bars.
-        resume_dir: persist partial sums after every checkpoint segment and continue from them.
+        resume_dir: persist partial sums after every checkpoint segment and continue from them
+            (``explain_state.safetensors``: safetensors + JSON, no pickle; an old
+            ``explain_state.pt`` is refused, see ``python -m explaind_tl.safe_format migrate``).
+        trust_remote_code: with ``trajectory`` given as a path: passed to
+            :meth:`Trajectory.load` (import the loss function / model factory its manifest names
+            even when they are not explaind_tl's). Only for run directories you trust.
         fast_forward: evaluate the model with the read-out forward (:mod:`explaind_tl.readout`:
             only what reaches the metric's position is computed) when it is a supported
             HookedTransformer and the metric a built-in one, for gradients and certificate alike.
@@ -1101,12 +1107,12 @@ def explain(
         query_chunk = _check_int("query_chunk", query_chunk, minimum=1)
     train_chunk = _check_int("train_chunk", train_chunk, minimum=1)
     for name, flag in (("progress", progress), ("fast_forward", fast_forward), ("adaptive_nodes", adaptive_nodes),
-                       ("strict", strict)):
+                       ("strict", strict), ("trust_remote_code", trust_remote_code)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     if resume_dir is not None and not isinstance(resume_dir, (str, os.PathLike)):
         raise TypeError(f"resume_dir must be a path, got {type(resume_dir).__name__}")
-    trajectory = _as_trajectory(trajectory)
+    trajectory = _as_trajectory(trajectory, trust_remote_code)
 
     T = trajectory.num_steps
     a, b = (0, T) if steps is None else steps
@@ -1306,12 +1312,12 @@ def _check_dtype(dtype: Any) -> torch.dtype:
     return dtype
 
 
-def _as_trajectory(trajectory: Any):
+def _as_trajectory(trajectory: Any, trust_remote_code: bool = False):
     """A :class:`Trajectory`, loading it when given its run directory."""
     if isinstance(trajectory, (str, os.PathLike)):
         from .trajectory import Trajectory
 
-        return Trajectory.load(trajectory)
+        return Trajectory.load(trajectory, trust_remote_code=trust_remote_code)
     missing = [k for k in ("num_steps", "param_names", "model", "segments") if not hasattr(trajectory, k)]
     if missing:
         raise TypeError(

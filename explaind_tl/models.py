@@ -112,8 +112,10 @@ def build_model(spec: Mapping[str, Any], model_factory: Callable[[], nn.Module] 
             from transformer_lens import HookedTransformer
 
             return HookedTransformer(hooked_transformer_config_from_dict(spec["config"]))
-        if spec.get("factory"):
-            return resolve_import_path(spec["factory"])()
+        if spec.get("factory"):  # built-in factories only: anything else is passed in (safe_format)
+            from explaind_tl.safe_format import resolve_recorded_callable
+
+            return resolve_recorded_callable(spec["factory"], what="model factory", arg="model_factory")()
     raise TrajectoryError(
         "this run was recorded with a model_factory that is not importable (lambda or local "
         "function): pass model_factory=... to Trajectory.load / resume"

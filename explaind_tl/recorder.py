@@ -30,11 +30,9 @@ steps run single-threaded by default: multi-threaded CPU kernels are not bitwise
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
 import errno
-import io
 import json
 import math
 import os
@@ -47,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from explaind_tl import storage
+from explaind_tl import safe_format, storage
 from explaind_tl.errors import (
     ExplaindError,
     NondeterministicTrainingError,
@@ -71,9 +69,9 @@ if TYPE_CHECKING:
 
     from explaind_tl.trajectory import Trajectory
 
-FORMAT = "explaind_tl.trajectory"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+FORMAT = safe_format.FORMAT
+FORMAT_VERSION = safe_format.FORMAT_VERSION  # 2: scheduler state as JSON, not a pickle
+MANIFEST = safe_format.MANIFEST
 DATA_DIR = "train_data"
 METRICS = "metrics.csv"
 # names of the files a run directory holds (regular expressions; everything else is the user's)
@@ -419,16 +417,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _pickle_b64(obj: Any) -> str:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _unpickle_b64(s: str) -> Any:
-    return torch.load(io.BytesIO(base64.b64decode(s)), weights_only=False)
-
-
 def _group_hparams(opt: torch.optim.Optimizer) -> dict[str, Any]:
     g = opt.param_groups[0]
     return {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, type(None), tuple, list, str))}
@@ -579,6 +567,7 @@ class TrajectoryRecorder:
             raise RecordingError(f"clip_grad_norm must be a positive number, got {clip_grad_norm}")
         self.run_dir = Path(run_dir)
         self.model = model
+        self.model_factory = model_factory
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_fn = loss_fn
@@ -700,6 +689,8 @@ class TrajectoryRecorder:
         scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None = None,
         loss_fn: LossFn | None = None,
         model_factory: Callable[[], nn.Module] | None = None,
+        *,
+        trust_remote_code: bool = False,
     ) -> TrajectoryRecorder:
         """A recorder positioned at the last checkpoint of ``run_dir``.
 
@@ -713,17 +704,22 @@ class TrajectoryRecorder:
             optimizer_factory: ``params -> optimizer``; default rebuilds it from the stored spec.
                 Its hyper-parameters are replaced by the checkpoint's.
             scheduler_factory: ``optimizer -> scheduler``; required if the run had a scheduler.
-            loss_fn: Required if the recorded loss_fn is not importable.
-            model_factory: Required if the recorded model factory is not importable.
+            loss_fn: Required unless the recorded loss_fn is one of explaind_tl's built-in ones.
+            model_factory: Required if the run was recorded with a model factory.
+            trust_remote_code: Import the loss_fn / model factory the manifest names even when
+                they are not explaind_tl's (see :meth:`Trajectory.load`); only for trusted runs.
 
         Raises:
             TrajectoryError: another recorder holds ``run_dir`` (names its pid), the run is
-                invalid, or the optimizer/scheduler do not match the recording.
+                invalid, the optimizer/scheduler do not match the recording, or (format version
+                1) the scheduler state is a pickle: it is never loaded; convert the directory
+                once with ``python -m explaind_tl.safe_format migrate RUN_DIR``.
+            UntrustedCodeError: as :meth:`Trajectory.load`.
         """
         run_dir = Path(run_dir)
         lock = storage.RunLock.acquire(run_dir) if run_dir.is_dir() else None
         try:
-            return cls._resume_locked(run_dir, lock, model, optimizer_factory, scheduler_factory, loss_fn, model_factory)
+            return cls._resume_locked(run_dir, lock, model, optimizer_factory, scheduler_factory, loss_fn, model_factory, trust_remote_code)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -739,12 +735,13 @@ class TrajectoryRecorder:
         scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None,
         loss_fn: LossFn | None,
         model_factory: Callable[[], nn.Module] | None,
+        trust_remote_code: bool = False,
     ) -> TrajectoryRecorder:
         from explaind_tl.models import check_model_matches
         from explaind_tl.optim import build_optimizer, load_optimizer_state
         from explaind_tl.trajectory import Trajectory
 
-        traj = Trajectory.load(run_dir, loss_fn=loss_fn, model_factory=model_factory, check=True)
+        traj = Trajectory.load(run_dir, loss_fn=loss_fn, model_factory=model_factory, check=True, trust_remote_code=trust_remote_code)
         man = traj.manifest
         if model is None:
             model = traj._build_model()
@@ -782,7 +779,7 @@ class TrajectoryRecorder:
                 raise TrajectoryError("this run used an lr scheduler: pass scheduler_factory=lambda opt: ... to resume it")
             scheduler = scheduler_factory(opt)
             if meta.get("scheduler"):
-                scheduler.load_state_dict(_unpickle_b64(meta["scheduler"]))
+                scheduler.load_state_dict(safe_format.decode_scheduler_state(meta["scheduler"], scheduler.state_dict(), where=str(run_dir)))
         elif scheduler_factory is not None:
             scheduler = scheduler_factory(opt)
         for k, v in (meta.get("group") or {}).items():
@@ -795,6 +792,7 @@ class TrajectoryRecorder:
         man["checkpoints"] = [c for c in man["checkpoints"] if c["step"] <= last]
         man["segments"] = [s for s in man["segments"] if s["stop"] <= last]
         man["num_steps"] = last
+        man["format_version"] = FORMAT_VERSION  # v1 without pickled scheduler state (checked above) is v2
         for p in _our_temp_files(Path(run_dir)):
             p.unlink(missing_ok=True)
         return cls(
@@ -806,6 +804,7 @@ class TrajectoryRecorder:
             checkpoint_every=man["checkpoint_every"],
             scheduler=scheduler,
             clip_grad_norm=man["clip_grad_norm"],
+            model_factory=traj._model_factory,
             _resume={"manifest": man, "train_data": traj.train_data, "columns": traj._columns, "lock": lock},
         )
 
@@ -1063,7 +1062,7 @@ class TrajectoryRecorder:
                 tensors[f"buffer/{n}"] = b.detach()
         meta = {"step": str(step), "group": json.dumps(storage.to_jsonable(_group_hparams(self.optimizer)))}
         if self.scheduler is not None:
-            meta["scheduler"] = _pickle_b64(self.scheduler.state_dict())
+            meta["scheduler"] = safe_format.encode_scheduler_state(self.scheduler.state_dict())
         man = dict(self.manifest)
         target: Path | None = None
         try:
@@ -1158,6 +1157,7 @@ class TrajectoryRecorder:
         from explaind_tl.trajectory import Trajectory
 
         self.close()
+        kw.setdefault("model_factory", self.model_factory)
         return Trajectory.load(self.run_dir, loss_fn=self.loss_fn, **kw)
 
 

@@ -17,7 +17,6 @@ names the first step whose replayed loss differs from the recorded one).
 from __future__ import annotations
 
 import collections
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from explaind_tl import storage
+from explaind_tl import safe_format, storage
 from explaind_tl.errors import TrajectoryError
-from explaind_tl.models import build_model, check_model_matches, resolve_import_path
+from explaind_tl.models import build_model, check_model_matches
 from explaind_tl.optim import (
     HPARAM_COLUMNS,
     OptimizerSpec,
@@ -41,13 +40,9 @@ from explaind_tl.optim import (
     state_dict_by_key,
 )
 from explaind_tl.recorder import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
     check_batch_ids,
     dataset_columns,
     gather_batch,
-    load_train_data,
     torch_threads,
     train_step,
 )
@@ -158,17 +153,26 @@ class Trajectory:
         loss_fn: Callable[..., Tensor] | None = None,
         model_factory: Callable[[], nn.Module] | None = None,
         check: bool = True,
+        trust_remote_code: bool = False,
     ) -> Trajectory:
-        """Load and validate a run directory.
+        """Load and validate a run directory. Loading never runs code from the directory.
 
         Args:
             run_dir: Directory written by the recorder.
-            loss_fn: Required when the recorded loss function is not importable.
-            model_factory: Required when the recorded model factory is not importable.
+            loss_fn: The loss function; needed unless the recorded one is one of explaind_tl's
+                built-in ones (or ``trust_remote_code=True``).
+            model_factory: The model factory; needed when the run was recorded with one, unless
+                ``trust_remote_code=True``.
             check: Verify sha256 of every listed file (missing files are always errors).
+            trust_remote_code: Import and call the loss function / model factory the manifest
+                names even when they are not explaind_tl's (and build a model config that
+                names a tokenizer). Only for run directories you trust.
 
         Raises:
-            TrajectoryError: missing/malformed manifest or files, unimportable loss_fn/factory.
+            TrajectoryError: missing/malformed manifest or files, unimportable loss_fn/factory,
+                a file named outside the run directory, a field of the wrong type or range.
+            UntrustedCodeError: (a ``TrajectoryError``) the manifest names code that is not
+                explaind_tl's and neither the callable nor ``trust_remote_code=True`` was given.
             ChecksumError: a file does not match its checksum (names the file).
             ModelMismatchError: the rebuilt model does not match the recording.
         """
@@ -176,13 +180,8 @@ class Trajectory:
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise TrajectoryError(f"run directory {self.run_dir} does not exist")
-        man = storage.read_json(self.run_dir / MANIFEST)
-        if man.get("format") != FORMAT:
-            raise TrajectoryError(f"{self.run_dir / MANIFEST} is not an explaind_tl trajectory manifest")
-        if man.get("format_version") != FORMAT_VERSION:
-            raise TrajectoryError(f"unsupported trajectory format version {man.get('format_version')} (this explaind_tl reads {FORMAT_VERSION})")
-        if not man.get("checkpoints"):
-            raise TrajectoryError(f"{self.run_dir} has no checkpoint")
+        man = safe_format.read_manifest(self.run_dir, trust_remote_code=trust_remote_code,
+                                        builds_from_config=model_factory is None)
         self.manifest = man
         for entry in man["checkpoints"] + man["segments"]:
             storage.check_file(self.run_dir / entry["file"], entry["sha256"], check)
@@ -201,22 +200,18 @@ class Trajectory:
         self.replay_mismatch: dict[int, float] = {}
         self.loss_mismatch: dict[int, tuple[float, float]] = {}
         self._warned_replay = False
+        if model_factory is None and man["model"]["kind"] == "factory":
+            model_factory = safe_format.resolve_recorded_callable(
+                man["model"].get("factory"), what="model factory", arg="model_factory", run_dir=self.run_dir,
+                trust_remote_code=trust_remote_code)
         self._model_factory = model_factory
-        if model_factory is None and man["model"]["kind"] == "factory" and not man["model"].get("factory"):
-            raise TrajectoryError(
-                f"the model of {self.run_dir} was built by a non-importable factory (lambda or local "
-                "function): pass model_factory=... to Trajectory.load"
-            )
         if loss_fn is None:
-            if not man.get("loss_fn"):
-                raise TrajectoryError(
-                    f"the loss_fn of {self.run_dir} is not importable (lambda, local or __main__ "
-                    "function): pass loss_fn=... to Trajectory.load"
-                )
-            loss_fn = resolve_import_path(man["loss_fn"])
+            loss_fn = safe_format.resolve_recorded_callable(
+                man.get("loss_fn"), what="loss function", arg="loss_fn", run_dir=self.run_dir,
+                trust_remote_code=trust_remote_code)
         self.loss_fn = loss_fn
         self._load_records()
-        self.train_data = load_train_data(data_dir)
+        self.train_data = safe_format.load_train_data(data_dir, man["train_data"]["files"])
         self._columns = dataset_columns(self.train_data)
         if len(self.train_data) != self.num_train:
             raise TrajectoryError(f"training data has {len(self.train_data)} rows, manifest says {self.num_train}")
@@ -250,6 +245,7 @@ class Trajectory:
                 t = pq.read_table(path).to_pydict()
             except Exception as exc:
                 raise TrajectoryError(f"cannot read step records {path} (truncated or corrupted?): {exc}") from exc
+            safe_format.check_records(t, seg["start"], seg["stop"], self.num_train, self._hp_cols, path)
             for i, s in enumerate(t["step"]):
                 if not 0 <= s < n:
                     raise TrajectoryError(f"{path} has step {s} outside [0, {n})")
@@ -267,7 +263,9 @@ class Trajectory:
     # ------------------------------------------------------------ model + checkpoints
 
     def _build_model(self) -> nn.Module:
-        model = build_model(self.manifest["model"], self._model_factory)
+        with safe_format.as_trajectory_error(f"the model config recorded in {self.run_dir} does not build a model",
+                                             active=self._model_factory is None):
+            model = build_model(self.manifest["model"], self._model_factory)
         trainable = set(self.param_names)
         shapes = self.manifest.get("param_shapes", {})
         for n, p in model.named_parameters():
@@ -277,6 +275,7 @@ class Trajectory:
         init = self._load_checkpoint(0)
         named = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
+        safe_format.check_buffers(init, buffers, self.run_dir / self._checkpoint_entry(0)["file"])
         with torch.no_grad():
             for key, t in init.items():
                 kind, _, n = key.partition("/")
@@ -307,20 +306,14 @@ class Trajectory:
             return self._ck_cache[step]
         entry = self._checkpoint_entry(step)
         t = storage.load_tensors(self.run_dir / entry["file"], entry["sha256"], check=False)
+        safe_format.check_checkpoint(t, self.manifest, self.run_dir / entry["file"])
         if len(self._ck_cache) > 2:
             self._ck_cache.pop(next(k for k in self._ck_cache if k != 0))
         self._ck_cache[step] = t
         return t
 
     def _checkpoint_meta(self, step: int) -> dict[str, Any]:
-        from safetensors import safe_open
-
-        entry = self._checkpoint_entry(step)
-        with safe_open(str(self.run_dir / entry["file"]), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        if "group" in meta:
-            meta["group"] = json.loads(meta["group"])
-        return meta
+        return safe_format.read_checkpoint_meta(self.run_dir / self._checkpoint_entry(step)["file"])
 
     def _checkpoint_params(self, step: int) -> Params:
         ck = self._load_checkpoint(step)
@@ -370,7 +363,8 @@ class Trajectory:
             state_before = state_dict_by_key(opt, self.param_names) if capture else None
             hp = self.hyperparameters(s)
             apply_hparams(opt, spec.kind, hp)
-            with torch_threads(self.torch_num_threads):
+            with torch_threads(self.torch_num_threads), safe_format.as_trajectory_error(
+                    f"replaying step {s} of {self.run_dir} failed (its recorded data does not fit the model and loss_fn)"):
                 out = train_step(model, opt, params, self.loss_fn, batch, self.clip_grad_norm, lr=hp["lr"], capture_grads=capture)
             if out.loss != self._loss[s]:
                 self.loss_mismatch.setdefault(s, (out.loss, self._loss[s]))
