@@ -590,7 +590,8 @@ def _validate_optimizer(F: _Fields, man: Mapping) -> None:
 
 # ---- the model
 
-_CONFIG_DIMS = ("d_model", "d_head", "n_heads", "n_layers", "n_ctx", "d_vocab", "d_vocab_out")
+_CONFIG_DIMS = ("d_model", "d_head", "n_heads", "n_layers", "n_ctx", "d_vocab", "d_vocab_out", "d_mlp",
+                "n_key_value_heads", "num_experts", "experts_per_token", "rotary_dim")
 
 
 def validate_model_spec(spec: Mapping[str, Any], where: str, ck0_size: int, *, trust_remote_code: bool = False) -> None:
@@ -598,7 +599,9 @@ def validate_model_spec(spec: Mapping[str, Any], where: str, ck0_size: int, *, t
 
     ``"hooked_transformer"``: the config builds a ``HookedTransformerConfig`` (seed not
     applied), its dimensions are integers, the model it describes is not larger than twice
-    what checkpoint 0 holds (a lower-bound estimate of the parameters and attention masks),
+    what checkpoint 0 holds (a lower-bound estimate of the parameters, attention masks and
+    rotary tables, experts and key/value heads included: counts such as ``n_layers`` or
+    ``num_experts`` also bound the Python objects built),
     and it names no tokenizer and does not set ``trust_remote_code`` unless
     ``trust_remote_code`` is given. ``"factory"``: ``factory`` is an import path or null.
 
@@ -629,13 +632,17 @@ def validate_model_spec(spec: Mapping[str, Any], where: str, ck0_size: int, *, t
     c = _hooked_config(cfg, where)
     try:
         size = DTYPE_SIZES.get(str(c.dtype), 4)
-        d, L = int(c.d_model), int(c.n_layers)
-        numel = int(c.d_vocab) * d + d * int(c.d_vocab_out) + L * 2 * int(c.n_heads) * int(c.d_head) * d
+        d, L, n_ctx = int(c.d_model), int(c.n_layers), int(c.n_ctx)
+        n_heads = int(c.n_heads)
+        n_kv = int(getattr(c, "n_key_value_heads", None) or n_heads)
+        numel = int(c.d_vocab) * d + d * int(c.d_vocab_out) + L * 2 * (n_heads + n_kv) * int(c.d_head) * d
         if not c.attn_only and c.d_mlp is not None:
-            numel += L * 2 * d * int(c.d_mlp)
+            numel += L * 2 * d * int(c.d_mlp) * max(1, int(getattr(c, "num_experts", None) or 1))
         if c.positional_embedding_type == "standard":
-            numel += int(c.n_ctx) * d
-        estimate = numel * size + L * int(c.n_ctx) ** 2  # + the bool attention masks
+            numel += n_ctx * d
+        if c.positional_embedding_type == "rotary":
+            numel += L * 2 * n_ctx * int(getattr(c, "rotary_dim", None) or 0)
+        estimate = numel * size + L * n_ctx**2  # + the bool attention masks
     except (TypeError, ValueError, AttributeError) as exc:
         raise TrajectoryError(f"{where}: model.config does not describe a model: {exc}") from None
     if estimate > 2 * ck0_size + (1 << 20):
@@ -1318,9 +1325,13 @@ def _restricted_unpickle(data: bytes, what: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - UnpicklingError & co: name what was refused
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        found = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand[^\n]*", text)
+        why = found.group(0) if found else (text.splitlines() or [type(exc).__name__])[0][:200]
         raise TrajectoryError(
-            f"cannot convert {what}: it holds more than plain numbers and tensors ({str(exc).splitlines()[0][:300]}); "
-            "it is not loaded (that would run its code). Record the run again, or resume it with a fresh scheduler"
+            f"cannot convert {what}: its pickle holds more than plain numbers and tensors ({why.strip()}), so it is not "
+            "loaded (that could run its code) and cannot be migrated; Trajectory.load still reads the run, but "
+            "resuming it with this scheduler state is not possible"
         ) from None
 
 
@@ -1461,7 +1472,11 @@ def migrate(path: str | os.PathLike) -> MigrationReport:
     path = Path(path)
     if (path / MANIFEST).exists():
         return migrate_run_dir(path)
-    return migrate_explain_state(path)
+    if (path / LEGACY_EXPLAIN_STATE).exists() or (path / EXPLAIN_STATE).exists():
+        return migrate_explain_state(path)
+    raise TrajectoryError(
+        f"{path} is neither a run directory (no {MANIFEST}) nor an explain resume directory (no {LEGACY_EXPLAIN_STATE})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

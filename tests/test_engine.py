@@ -362,7 +362,7 @@ def test_resume_dir_continues(gelu_run, tmp_path, by):
     ref = explain(traj, test, **kw)
     with pytest.raises(RuntimeError, match="killed"):
         explain(_DiesAfterOneSegment(traj), test, resume_dir=tmp_path / "part", **kw)
-    assert (tmp_path / "part" / "explain_state.pt").exists()
+    assert (tmp_path / "part" / "explain_state.safetensors").exists()
     resumed = explain(traj, test, resume_dir=tmp_path / "part", **kw)
     again = explain(traj, test, resume_dir=tmp_path / "part", **kw)  # everything already done
     torch.testing.assert_close(resumed.values, ref.values, rtol=0, atol=1e-15)

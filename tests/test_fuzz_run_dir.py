@@ -221,8 +221,14 @@ def m_huge(rng, run, sb):
         n = rng.choice(sorted(man["param_shapes"]))
         man["param_shapes"][n] = [h] * rng.randint(1, 3)
     elif what == "config":
-        k = rng.choice(["d_model", "d_vocab", "d_vocab_out", "n_ctx", "n_layers", "d_mlp", "n_heads", "d_head"])
-        man["model"]["config"][k] = h
+        cfg = man["model"]["config"]
+        k = rng.choice(["d_model", "d_vocab", "d_vocab_out", "n_ctx", "n_layers", "d_mlp", "n_heads", "d_head",
+                        "num_experts", "n_key_value_heads", "rotary_dim"])
+        cfg[k] = h
+        if k == "num_experts":
+            cfg["experts_per_token"] = 1
+        if k == "rotary_dim":
+            cfg["positional_embedding_type"] = "rotary"
         what += f".{k}"
     elif what == "many_checkpoints":  # a long, consistent list of checkpoints reusing one file
         c0 = man["checkpoints"][0]

@@ -189,6 +189,34 @@ def test_version_1_runs_load_and_resume_after_an_explicit_migration(tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_interrupted_migration_can_be_run_again(tmp_path, monkeypatch):
+    from explaind_tl import safe_format
+
+    run = tmp_path / "run"
+    _record(run)
+    _to_format_v1(run)
+    real_replace, moved = os.replace, []
+
+    def dies_on_second_checkpoint(src, dst, *a, **kw):
+        if str(src).endswith(".migrate.tmp"):  # a converted checkpoint replacing the original
+            if moved:
+                raise OSError(28, "No space left on device")
+            moved.append(dst)
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", dies_on_second_checkpoint)
+    with pytest.raises(OSError):
+        safe_format.migrate_run_dir(run)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(moved) == 1 and _manifest(run)["format_version"] == 1
+    with pytest.raises(TrajectoryError):  # half-migrated: the converted file no longer matches
+        Trajectory.load(run)
+    assert safe_format.migrate_run_dir(run).format_version == 2  # the journal lets it finish
+    assert not (run / "migration.json").exists()
+    assert Trajectory.load(run).verify(progress=False).ok
+    TrajectoryRecorder.resume(run, scheduler_factory=_sched).abort()
+
+
 def test_explain_resume_snapshot_pickle_does_not_run(tmp_path):
     run, part, marker = tmp_path / "run", tmp_path / "part", tmp_path / "PWNED"
     _record(run, scheduler=False)
