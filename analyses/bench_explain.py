@@ -397,7 +397,7 @@ def memory_child(run_dir: str) -> None:
     from explaind_tl import Trajectory, explain
 
     traj = Trajectory.load(run_dir)
-    queries = torch.load(Path(run_dir) / "bench_queries.pt")
+    queries = torch.load(Path(run_dir) / "bench_queries.pt", weights_only=True)
     base = _status_kb("VmRSS")
     reset = _reset_peak()
     peak_before = _status_kb("VmHWM")

@@ -67,3 +67,15 @@ class StorageError(TrajectoryError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class UntrustedCodeError(TrajectoryError):
+    """A run directory names code (a callable, a tokenizer) that is not explaind_tl's own.
+
+    Pass the callable itself (``loss_fn=``, ``model_factory=``) or ``trust_remote_code=True``
+    if you trust the directory.
+    """
+
+
+class SchedulerStateError(ExplaindError, ValueError):
+    """A scheduler's ``state_dict()`` holds something that cannot be stored as JSON."""

@@ -43,7 +43,7 @@ from explaind_tl.engine.realized import run_realized
 from explaind_tl.engine.resume import Resume, fingerprint
 from explaind_tl.engine.seen import run_seen
 from explaind_tl.engine.setup import Setup
-from explaind_tl.engine.validate import as_trajectory, check_arguments
+from explaind_tl.engine.validate import as_trajectory, check_arguments, check_flag
 from explaind_tl.metrics import resolve_metric
 from explaind_tl.model.components import ComponentMap
 from explaind_tl.run.step import torch_threads
@@ -76,6 +76,7 @@ def explain(
     strict: bool = False,
     *,
     options: ExplainOptions | None = None,
+    trust_remote_code: bool = False,
 ):
     """Rewrite the trained model's output change exactly as a sum over steps, components, examples.
 
@@ -124,7 +125,12 @@ def explain(
             train_chunk: training examples per
             chunk of per-example gradients.
         progress: show tqdm progress bars.
-        resume_dir: persist partial sums after every checkpoint segment and continue from them.
+        resume_dir: persist partial sums after every checkpoint segment and continue from them
+            (``explain_state.safetensors``: safetensors + JSON, no pickle; an old
+            ``explain_state.pt`` is refused, see ``python -m explaind_tl.run.migrate``).
+        trust_remote_code: with ``trajectory`` given as a path: passed to
+            :meth:`Trajectory.load` (import the loss function / model factory its manifest names
+            even when they are not explaind_tl's). Only for run directories you trust.
         fast_forward: evaluate the model with the read-out forward (:mod:`explaind_tl.model.readout`:
             only what reaches the metric's position is computed) when it is a supported
             HookedTransformer and the metric a built-in one, for gradients and certificate alike.
@@ -177,7 +183,8 @@ def explain(
         dtype=dtype, fast_forward=fast_forward, train_grads=train_grads, query_grads=query_grads,
         query_chunk=query_chunk, train_chunk=train_chunk,
     )
-    trajectory = as_trajectory(trajectory)
+    check_flag("trust_remote_code", trust_remote_code)
+    trajectory = as_trajectory(trajectory, trust_remote_code)
     T = trajectory.num_steps
     a, b = (0, T) if steps is None else steps
     if not 0 <= a < b <= T:

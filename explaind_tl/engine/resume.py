@@ -1,21 +1,23 @@
 """Resumable explain calls: partial sums persisted after every checkpoint segment (docs/design.md §4).
 
-The state (``explain_state.pt``) is written atomically (``.tmp`` then ``os.replace``) and keyed
-by a :func:`fingerprint` of the run path, the query tensors and the settings that define the
-result, so a state is only ever continued by the call that wrote it.
+The state (``explain_state.safetensors``: tensors plus their structure as JSON, no pickle, so
+loading a resume directory runs no code; :mod:`explaind_tl.run.codec`) is written atomically and
+keyed by a :func:`fingerprint` of the run path, the query tensors and the settings that define
+the result, so a state is only ever continued by the call that wrote it. An old pickled
+``explain_state.pt`` is refused with a pointer to ``python -m explaind_tl.run.migrate``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from explaind_tl.errors import QueryError
+from explaind_tl.run import codec
+from explaind_tl.run.format import EXPLAIN_STATE
 
 
 class Resume:
@@ -24,13 +26,14 @@ class Resume:
     def __init__(self, path: Path, fingerprint: str) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.file = self.path / "explain_state.pt"
+        self.file = self.path / EXPLAIN_STATE
         self.fingerprint = fingerprint
 
     def load(self) -> dict | None:
+        codec.check_legacy_explain_state(self.path)
         if not self.file.exists():
             return None
-        state = torch.load(self.file, weights_only=False)
+        state = codec.load_state(self.file)
         if state.get("fingerprint") != self.fingerprint:
             raise QueryError(
                 f"{self.file} holds partial results of a different explain() call; use another resume_dir or delete it"
@@ -38,9 +41,7 @@ class Resume:
         return state
 
     def save(self, state: dict) -> None:
-        tmp = self.file.with_suffix(".tmp")
-        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
-        os.replace(tmp, self.file)
+        codec.save_state(self.file, {**state, "fingerprint": self.fingerprint})
 
 
 def fingerprint(trajectory, batch: dict[str, Tensor], config: dict) -> str:

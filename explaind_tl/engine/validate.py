@@ -58,10 +58,11 @@ def check_dtype(dtype: Any) -> torch.dtype:
     return dtype
 
 
-def as_trajectory(trajectory: Any):
-    """A :class:`Trajectory`, loading it when given its run directory."""
+def as_trajectory(trajectory: Any, trust_remote_code: bool = False):
+    """A :class:`Trajectory`, loading it when given its run directory (``trust_remote_code`` as
+    :meth:`Trajectory.load`)."""
     if isinstance(trajectory, (str, os.PathLike)):
-        return Trajectory.load(trajectory)
+        return Trajectory.load(trajectory, trust_remote_code=trust_remote_code)
     missing = [k for k in ("num_steps", "param_names", "model", "segments") if not hasattr(trajectory, k)]
     if missing:
         raise TypeError(

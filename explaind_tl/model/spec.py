@@ -2,14 +2,15 @@
 
 A ``HookedTransformer`` is stored by its ``HookedTransformerConfig`` (as JSON); any other
 ``nn.Module`` by the import path (``"module:qualname"``) of a zero-argument factory. Loss
-functions are stored by import path too when they have one. :func:`resolve_import_path` is the
-one place that turns a stored import path back into an object; paths of objects that have moved
-since a run was recorded are translated by :data:`IMPORT_ALIASES` there.
+functions are stored by import path too when they have one. :func:`explaind_tl.run.trust.resolve_import_path`
+is the one place that turns a stored import path back into an object (paths of objects that
+have moved since a run was recorded are translated by its ``IMPORT_ALIASES``), and
+:func:`~explaind_tl.run.trust.resolve_recorded_callable` decides which recorded paths may be
+imported without the user's consent.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,29 +20,7 @@ from torch import nn
 from explaind_tl.errors import ModelMismatchError, TrajectoryError
 from explaind_tl.model import is_hooked_transformer
 from explaind_tl.run.storage import to_jsonable
-
-# Stored import paths of objects that have moved: old "module:qualname" (or old module, for
-# every name in it) -> new. Run directories record loss_fn and model factories by import path;
-# these keep runs recorded before a move loading. Exact paths are looked up first.
-IMPORT_ALIASES: dict[str, str] = {
-    # names that left their module for another one than the module's successor below
-    "explaind_tl.tasks:last_token_cross_entropy": "explaind_tl.losses:last_token_cross_entropy",
-    "explaind_tl.recorder:train": "explaind_tl.run.training:train",
-    "explaind_tl.recorder:batch_schedule": "explaind_tl.run.training:batch_schedule",
-    "explaind_tl.recorder:train_step": "explaind_tl.run.step:train_step",
-    "explaind_tl.recorder:RecordingError": "explaind_tl.errors:RecordingError",
-    # modules that moved (every other name in them)
-    "explaind_tl.tasks": "analyses.grokking.task",
-    "explaind_tl.cli": "analyses.cli",
-    "explaind_tl.models": "explaind_tl.model.spec",
-    "explaind_tl.functional": "explaind_tl.model.functional",
-    "explaind_tl.readout": "explaind_tl.model.readout",
-    "explaind_tl.components": "explaind_tl.model.components",
-    "explaind_tl.storage": "explaind_tl.run.storage",
-    "explaind_tl.trajectory": "explaind_tl.run.trajectory",
-    "explaind_tl.recorder": "explaind_tl.run.recorder",
-    "explaind_tl.engine": "explaind_tl.engine.api",
-}
+from explaind_tl.run.trust import import_path, resolve_import_path, resolve_recorded_callable  # noqa: F401 (re-exported)
 
 
 def hooked_transformer_config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -77,51 +56,6 @@ def hooked_transformer_config_from_dict(d: Mapping[str, Any], device: str | None
     return HookedTransformerConfig(**kw)
 
 
-def import_path(obj: Any) -> str | None:
-    """``"module:qualname"`` if ``obj`` is importable under that name (not a lambda/local)."""
-    module = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", None)
-    if not module or not qualname or "<" in qualname or module == "__main__":
-        return None
-    try:
-        resolved = resolve_import_path(f"{module}:{qualname}")
-    except Exception:
-        return None
-    return f"{module}:{qualname}" if resolved is obj else None
-
-
-def aliased_import_path(path: str) -> str:
-    """``path`` translated by :data:`IMPORT_ALIASES` (unchanged when nothing applies)."""
-    if path in IMPORT_ALIASES:
-        return IMPORT_ALIASES[path]
-    module, sep, qualname = path.partition(":")
-    if module in IMPORT_ALIASES:
-        return f"{IMPORT_ALIASES[module]}{sep}{qualname}"
-    return path
-
-
-def resolve_import_path(path: str) -> Any:
-    """Import ``"module:qualname"`` (moved objects are found under their new path).
-
-    The one function that turns a stored import path into an object: recording
-    (:func:`import_path`), loading and resuming runs all go through it.
-
-    Raises:
-        TrajectoryError: malformed, or not importable.
-    """
-    module, _, qualname = path.partition(":")
-    if not module or not qualname:
-        raise TrajectoryError(f"malformed import path {path!r} (expected 'module:qualname')")
-    module, _, qualname = aliased_import_path(path).partition(":")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise TrajectoryError(f"cannot import {path!r}: {exc}") from exc
-    return obj
-
-
 def model_spec(model: nn.Module, model_factory: Callable[[], nn.Module] | None) -> dict[str, Any]:
     """The manifest entry describing how to rebuild ``model``.
 
@@ -148,8 +82,8 @@ def build_model(spec: Mapping[str, Any], model_factory: Callable[[], nn.Module] 
             from transformer_lens import HookedTransformer
 
             return HookedTransformer(hooked_transformer_config_from_dict(spec["config"]))
-        if spec.get("factory"):
-            return resolve_import_path(spec["factory"])()
+        if spec.get("factory"):  # built-in factories only: anything else is passed in
+            return resolve_recorded_callable(spec["factory"], what="model factory", arg="model_factory")()
     raise TrajectoryError(
         "this run was recorded with a model_factory that is not importable (lambda or local "
         "function): pass model_factory=... to Trajectory.load / resume"

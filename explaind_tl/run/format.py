@@ -6,7 +6,7 @@
       manifest.json                          the commit point: lists only complete files
       checkpoints/step_00000100.safetensors  param/{name}, optim/{key}/{name}, rng/torch;
                                              frozen/{name}, buffer/{name} in step 0 only;
-                                             metadata: step, group (JSON), scheduler (pickled)
+                                             metadata: step, group (JSON), scheduler (JSON)
       records/steps_00000000_00000100.parquet step, lr, clip_factor, loss, batch_ids, hparams
       train_data/                            datasets.save_to_disk, integer column "id"
       metrics.csv                            optional, written by explaind_tl.train
@@ -17,8 +17,6 @@ both go through this module, so the two sides of every encoding sit next to each
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,8 +29,32 @@ from explaind_tl.errors import TrajectoryError
 from explaind_tl.run import storage
 
 FORMAT = "explaind_tl.trajectory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version written by this explaind_tl. 2: scheduler state as JSON (1: as a base64 pickle)."""
+READABLE_FORMAT_VERSIONS = (1, 2)
+"""Versions :func:`validate_manifest` accepts (version 1 loads; resuming one with a scheduler
+needs :func:`migrate_run_dir`)."""
 MANIFEST = "manifest.json"
+EXPLAIN_STATE = "explain_state.safetensors"
+LEGACY_EXPLAIN_STATE = "explain_state.pt"
+MIGRATION_JOURNAL = "migration.json"
+
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_SMALL_JSON_BYTES = 16 << 20
+MAX_JSON_DEPTH = 64
+MAX_THREADS = 1024
+MAX_DIM = 1 << 40
+ROWS_PER_RECORD_BYTE = 16
+"""A segment of ``n`` steps needs a parquet file of at least ``n / 16`` bytes (a recorded one
+holds a distinct int64 step per row: ~8 bytes before compression)."""
+
+SCHEDULER_FORMAT = "explaind_tl.scheduler_state"
+STATE_FORMAT = "explaind_tl.explain_state"
+
+MIGRATE_HINT = (
+    "if you trust this directory, convert it once with `python -m explaind_tl.run.migrate {path}` "
+    "(or explaind_tl.run.migrate.migrate_run_dir); it never runs code either, but only migrate what you trust"
+)
 DATA_DIR = "train_data"
 METRICS = "metrics.csv"
 CHECKPOINT_DIR = "checkpoints"
@@ -60,24 +82,6 @@ def records_name(start: int, stop: int) -> str:
 # manifest
 # --------------------------------------------------------------------------------------------
 
-
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """The manifest of a run directory, checked for format, version and a first checkpoint.
-
-    Raises:
-        TrajectoryError: missing directory or manifest, another format, an unsupported version,
-            no checkpoint.
-    """
-    if not run_dir.is_dir():
-        raise TrajectoryError(f"run directory {run_dir} does not exist")
-    man = storage.read_json(run_dir / MANIFEST)
-    if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise TrajectoryError(f"{run_dir / MANIFEST} is not an explaind_tl trajectory manifest")
-    if man.get("format_version") != FORMAT_VERSION:
-        raise TrajectoryError(f"unsupported trajectory format version {man.get('format_version')} (this explaind_tl reads {FORMAT_VERSION})")
-    if not man.get("checkpoints"):
-        raise TrajectoryError(f"{run_dir} has no checkpoint")
-    return man
 
 
 def read_our_manifest(run_dir: Path) -> dict[str, Any] | None:
@@ -109,45 +113,20 @@ def package_versions() -> dict[str, str | None]:
 # --------------------------------------------------------------------------------------------
 
 
-def _pickle_b64(obj: Any) -> str:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _unpickle_b64(s: str) -> Any:
-    return torch.load(io.BytesIO(base64.b64decode(s)), weights_only=False)
-
-
 def group_hparams(opt: torch.optim.Optimizer) -> dict[str, Any]:
     """The plain settings of the optimizer's (single) param group."""
     g = opt.param_groups[0]
     return {k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, type(None), tuple, list, str))}
 
 
-def checkpoint_metadata(step: int, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dict[str, str]:
-    """The safetensors metadata of a checkpoint: step, param group settings, scheduler state."""
+def checkpoint_metadata(step: int, optimizer: torch.optim.Optimizer, scheduler_state: str | None = None) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint: step, param group settings and the scheduler
+    state, already encoded as JSON (:func:`explaind_tl.run.codec.encode_scheduler_state`)."""
     meta = {"step": str(step), "group": json.dumps(storage.to_jsonable(group_hparams(optimizer)))}
-    if scheduler is not None:
-        meta["scheduler"] = _pickle_b64(scheduler.state_dict())
+    if scheduler_state is not None:
+        meta["scheduler"] = scheduler_state
     return meta
 
-
-def read_checkpoint_metadata(path: Path) -> dict[str, Any]:
-    """Inverse of :func:`checkpoint_metadata`: ``group`` as a dict; ``scheduler`` stays encoded
-    (:func:`decode_scheduler_state`)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta: dict[str, Any] = dict(f.metadata() or {})
-    if "group" in meta:
-        meta["group"] = json.loads(meta["group"])
-    return meta
-
-
-def decode_scheduler_state(encoded: str) -> Any:
-    """The scheduler state dict stored by :func:`checkpoint_metadata` (a pickle: trusted runs only)."""
-    return _unpickle_b64(encoded)
 
 
 def initial_tensors(model: nn.Module) -> dict[str, Tensor]:

@@ -67,6 +67,7 @@ from explaind_tl.run.atomic import (
     snapshot,
     step_error,
 )
+from explaind_tl.run.codec import decode_scheduler_state, encode_scheduler_state
 from explaind_tl.run.data import (
     check_batch_ids,
     dataset_columns,
@@ -85,7 +86,6 @@ from explaind_tl.run.format import (
     checkpoint_metadata,
     checkpoint_name,
     checkpoint_optimizer_tensors,
-    decode_scheduler_state,
     initial_tensors,
     package_versions,
     records_name,
@@ -170,6 +170,7 @@ class TrajectoryRecorder:
             raise RecordingError(f"clip_grad_norm must be a positive number, got {clip_grad_norm}")
         self.run_dir = Path(run_dir)
         self.model = model
+        self.model_factory = model_factory
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_fn = loss_fn
@@ -263,6 +264,8 @@ class TrajectoryRecorder:
         scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None = None,
         loss_fn: LossFn | None = None,
         model_factory: Callable[[], nn.Module] | None = None,
+        *,
+        trust_remote_code: bool = False,
     ) -> TrajectoryRecorder:
         """A recorder positioned at the last checkpoint of ``run_dir``.
 
@@ -276,17 +279,23 @@ class TrajectoryRecorder:
             optimizer_factory: ``params -> optimizer``; default rebuilds it from the stored spec.
                 Its hyper-parameters are replaced by the checkpoint's.
             scheduler_factory: ``optimizer -> scheduler``; required if the run had a scheduler.
-            loss_fn: Required if the recorded loss_fn is not importable.
-            model_factory: Required if the recorded model factory is not importable.
+            loss_fn: Required unless the recorded loss_fn is one of explaind_tl's built-in ones.
+            model_factory: Required if the run was recorded with a model factory.
+            trust_remote_code: Import the loss_fn / model factory the manifest names even when
+                they are not explaind_tl's (see :meth:`Trajectory.load`); only for trusted runs.
 
         Raises:
             TrajectoryError: another recorder holds ``run_dir`` (names its pid), the run is
-                invalid, or the optimizer/scheduler do not match the recording.
+                invalid, the optimizer/scheduler do not match the recording, or (format version
+                1) the scheduler state is a pickle: it is never loaded; convert the directory
+                once with ``python -m explaind_tl.run.migrate RUN_DIR``.
+            UntrustedCodeError: as :meth:`Trajectory.load`.
         """
         run_dir = Path(run_dir)
         lock = storage.RunLock.acquire(run_dir) if run_dir.is_dir() else None
         try:
-            return cls._resume_locked(run_dir, lock, model, optimizer_factory, scheduler_factory, loss_fn, model_factory)
+            return cls._resume_locked(run_dir, lock, model, optimizer_factory, scheduler_factory, loss_fn, model_factory,
+                                      trust_remote_code)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -302,8 +311,10 @@ class TrajectoryRecorder:
         scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None,
         loss_fn: LossFn | None,
         model_factory: Callable[[], nn.Module] | None,
+        trust_remote_code: bool = False,
     ) -> TrajectoryRecorder:
-        traj = Trajectory.load(run_dir, loss_fn=loss_fn, model_factory=model_factory, check=True)
+        traj = Trajectory.load(run_dir, loss_fn=loss_fn, model_factory=model_factory, check=True,
+                               trust_remote_code=trust_remote_code)
         man = traj.manifest
         if model is None:
             model = traj.build_model()
@@ -331,7 +342,7 @@ class TrajectoryRecorder:
                 raise TrajectoryError("this run used an lr scheduler: pass scheduler_factory=lambda opt: ... to resume it")
             scheduler = scheduler_factory(opt)
             if meta.get("scheduler"):
-                scheduler.load_state_dict(decode_scheduler_state(meta["scheduler"]))
+                scheduler.load_state_dict(decode_scheduler_state(meta["scheduler"], scheduler.state_dict(), where=str(run_dir)))
         elif scheduler_factory is not None:
             scheduler = scheduler_factory(opt)
         for k, v in (meta.get("group") or {}).items():
@@ -344,6 +355,7 @@ class TrajectoryRecorder:
         man["checkpoints"] = [c for c in man["checkpoints"] if c["step"] <= last]
         man["segments"] = [s for s in man["segments"] if s["stop"] <= last]
         man["num_steps"] = last
+        man["format_version"] = FORMAT_VERSION  # v1 without pickled scheduler state (checked above) is v2
         for p in our_temp_files(Path(run_dir)):
             p.unlink(missing_ok=True)
         return cls(
@@ -355,6 +367,7 @@ class TrajectoryRecorder:
             checkpoint_every=man["checkpoint_every"],
             scheduler=scheduler,
             clip_grad_norm=man["clip_grad_norm"],
+            model_factory=traj.model_factory,
             _resume={"manifest": man, "train_data": traj.train_data, "columns": traj.train_columns, "lock": lock},
         )
 
@@ -495,7 +508,8 @@ class TrajectoryRecorder:
         tensors["rng/torch"] = torch.get_rng_state()
         if initial:
             tensors.update(initial_tensors(self.model))
-        meta = checkpoint_metadata(step, self.optimizer, self.scheduler)
+        sched = None if self.scheduler is None else encode_scheduler_state(self.scheduler.state_dict())
+        meta = checkpoint_metadata(step, self.optimizer, sched)
         man = dict(self.manifest)
         target: Path | None = None
         try:
@@ -568,4 +582,5 @@ class TrajectoryRecorder:
     def trajectory(self, **kw: Any) -> Trajectory:
         """Load the recorded run (closes the recorder first)."""
         self.close()
+        kw.setdefault("model_factory", self.model_factory)
         return Trajectory.load(self.run_dir, loss_fn=self.loss_fn, **kw)

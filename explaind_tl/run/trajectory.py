@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from explaind_tl.errors import TrajectoryError
-from explaind_tl.model.spec import build_model, check_model_matches, resolve_import_path
+from explaind_tl.model.spec import build_model, check_model_matches
 from explaind_tl.optim import (
     HPARAM_COLUMNS,
     OptimizerSpec,
@@ -38,18 +38,18 @@ from explaind_tl.optim import (
     spec_for_step,
     state_dict_by_key,
 )
-from explaind_tl.run import storage
-from explaind_tl.run.data import check_batch_ids, dataset_columns, gather_batch, load_train_data
+from explaind_tl.run import checks, storage
+from explaind_tl.run.data import check_batch_ids, dataset_columns, gather_batch
 from explaind_tl.run.format import (
     checkpoint_optimizer_tensors,
     checkpoint_params,
     checkpoint_state,
-    read_checkpoint_metadata,
-    read_manifest,
     read_records,
     restore_initial,
 )
 from explaind_tl.run.step import torch_threads, train_step
+from explaind_tl.run.trust import resolve_recorded_callable
+from explaind_tl.run.validate import read_manifest
 
 Params = dict[str, Tensor]
 State = dict[str, dict[str, Tensor]]
@@ -157,23 +157,33 @@ class Trajectory:
         loss_fn: Callable[..., Tensor] | None = None,
         model_factory: Callable[[], nn.Module] | None = None,
         check: bool = True,
+        trust_remote_code: bool = False,
     ) -> Trajectory:
-        """Load and validate a run directory.
+        """Load and validate a run directory. Loading never runs code from the directory.
 
         Args:
             run_dir: Directory written by the recorder.
-            loss_fn: Required when the recorded loss function is not importable.
-            model_factory: Required when the recorded model factory is not importable.
+            loss_fn: The loss function; needed unless the recorded one is one of explaind_tl's
+                built-in ones (or ``trust_remote_code=True``).
+            model_factory: The model factory; needed when the run was recorded with one, unless
+                ``trust_remote_code=True``.
             check: Verify sha256 of every listed file (missing files are always errors).
+            trust_remote_code: Import and call the loss function / model factory the manifest
+                names even when they are not explaind_tl's (and build a model config that
+                names a tokenizer). Only for run directories you trust.
 
         Raises:
-            TrajectoryError: missing/malformed manifest or files, unimportable loss_fn/factory.
+            TrajectoryError: missing/malformed manifest or files, unimportable loss_fn/factory,
+                a file named outside the run directory, a field of the wrong type or range.
+            UntrustedCodeError: (a ``TrajectoryError``) the manifest names code that is not
+                explaind_tl's and neither the callable nor ``trust_remote_code=True`` was given.
             ChecksumError: a file does not match its checksum (names the file).
             ModelMismatchError: the rebuilt model does not match the recording.
         """
         self = cls()
         self.run_dir = Path(run_dir)
-        man = self.manifest = read_manifest(self.run_dir)
+        man = self.manifest = read_manifest(self.run_dir, trust_remote_code=trust_remote_code,
+                                            builds_from_config=model_factory is None)
         for entry in man["checkpoints"] + man["segments"]:
             storage.check_file(self.run_dir / entry["file"], entry["sha256"], check)
         data_dir = self.run_dir / man["train_data"]["path"]
@@ -191,22 +201,18 @@ class Trajectory:
         self.replay_mismatch: dict[int, float] = {}
         self.loss_mismatch: dict[int, tuple[float, float]] = {}
         self._warned_replay = False
-        self._model_factory = model_factory
-        if model_factory is None and man["model"]["kind"] == "factory" and not man["model"].get("factory"):
-            raise TrajectoryError(
-                f"the model of {self.run_dir} was built by a non-importable factory (lambda or local "
-                "function): pass model_factory=... to Trajectory.load"
-            )
+        if model_factory is None and man["model"]["kind"] == "factory":
+            model_factory = resolve_recorded_callable(
+                man["model"].get("factory"), what="model factory", arg="model_factory", run_dir=self.run_dir,
+                trust_remote_code=trust_remote_code)
+        self.model_factory = model_factory
         if loss_fn is None:
-            if not man.get("loss_fn"):
-                raise TrajectoryError(
-                    f"the loss_fn of {self.run_dir} is not importable (lambda, local or __main__ "
-                    "function): pass loss_fn=... to Trajectory.load"
-                )
-            loss_fn = resolve_import_path(man["loss_fn"])
+            loss_fn = resolve_recorded_callable(
+                man.get("loss_fn"), what="loss function", arg="loss_fn", run_dir=self.run_dir,
+                trust_remote_code=trust_remote_code)
         self.loss_fn = loss_fn
         self._load_records()
-        self.train_data = load_train_data(data_dir)
+        self.train_data = checks.load_train_data(data_dir, man["train_data"]["files"])
         self.train_columns: dict[str, Tensor] = dataset_columns(self.train_data)
         if len(self.train_data) != self.num_train:
             raise TrajectoryError(f"training data has {len(self.train_data)} rows, manifest says {self.num_train}")
@@ -235,6 +241,7 @@ class Trajectory:
         for seg in self.manifest["segments"]:
             path = self.run_dir / seg["file"]
             t = read_records(path)
+            checks.check_records(t, seg["start"], seg["stop"], self.num_train, self._hp_cols, path)
             for i, s in enumerate(t["step"]):
                 if not 0 <= s < n:
                     raise TrajectoryError(f"{path} has step {s} outside [0, {n})")
@@ -257,15 +264,20 @@ class Trajectory:
 
         Raises:
             ModelMismatchError: the rebuilt model does not match the recording.
+            TrajectoryError: the recorded model config does not build a model.
         """
-        model = build_model(self.manifest["model"], self._model_factory)
+        with checks.as_trajectory_error(f"the model config recorded in {self.run_dir} does not build a model",
+                                        active=self.model_factory is None):
+            model = build_model(self.manifest["model"], self.model_factory)
         trainable = set(self.param_names)
         shapes = self.manifest.get("param_shapes", {})
         for n, p in model.named_parameters():
             if n in shapes:
                 p.requires_grad_(n in trainable)
         check_model_matches(model, self.manifest)
-        restore_initial(model, self.checkpoint(0))
+        init = self.checkpoint(0)
+        checks.check_buffers(init, dict(model.named_buffers()), self.run_dir / self._checkpoint_entry(0)["file"])
+        restore_initial(model, init)
         model.train(self.manifest.get("model_training", True))
         return model
 
@@ -301,6 +313,7 @@ class Trajectory:
             return self._ck_cache[step]
         entry = self._checkpoint_entry(step)
         t = storage.load_tensors(self.run_dir / entry["file"], entry["sha256"], check=False)
+        checks.check_checkpoint(t, self.manifest, self.run_dir / entry["file"])
         if len(self._ck_cache) > 2:
             self._ck_cache.pop(next(k for k in self._ck_cache if k != 0))
         self._ck_cache[step] = t
@@ -308,9 +321,9 @@ class Trajectory:
 
     def checkpoint_metadata(self, step: int) -> dict[str, Any]:
         """The metadata of the checkpoint at ``step``: ``step``, ``group`` (the param group's
-        settings) and, with a scheduler, ``scheduler`` (encoded; see
-        :func:`explaind_tl.run.format.decode_scheduler_state`)."""
-        return read_checkpoint_metadata(self.run_dir / self._checkpoint_entry(step)["file"])
+        settings) and, with a scheduler, ``scheduler`` (JSON; see
+        :func:`explaind_tl.run.codec.decode_scheduler_state`)."""
+        return checks.read_checkpoint_meta(self.run_dir / self._checkpoint_entry(step)["file"])
 
     def _checkpoint_params(self, step: int) -> Params:
         return checkpoint_params(self.checkpoint(step), self.param_names)
@@ -353,7 +366,8 @@ class Trajectory:
             state_before = state_dict_by_key(opt, self.param_names) if capture else None
             hp = self.hyperparameters(s)
             apply_hparams(opt, spec.kind, hp)
-            with torch_threads(self.torch_num_threads):
+            with torch_threads(self.torch_num_threads), checks.as_trajectory_error(
+                    f"replaying step {s} of {self.run_dir} failed (its recorded data does not fit the model and loss_fn)"):
                 out = train_step(model, opt, params, self.loss_fn, batch, self.clip_grad_norm, lr=hp["lr"], capture_grads=capture)
             if out.loss != self._loss[s]:
                 self.loss_mismatch.setdefault(s, (out.loss, self._loss[s]))

@@ -17,7 +17,7 @@ from explaind_tl.losses import last_token_cross_entropy
 from explaind_tl.model import is_hooked_transformer
 from explaind_tl.model.components import ComponentMap
 from explaind_tl.model.readout import unsupported_reason
-from explaind_tl.model.spec import IMPORT_ALIASES, aliased_import_path, resolve_import_path
+from explaind_tl.run.trust import IMPORT_ALIASES, aliased_import_path, resolve_import_path
 
 
 @pytest.fixture(scope="module")

@@ -335,7 +335,7 @@ def test_resume_dir_continues(gelu_run, tmp_path, by):
     ref = explain(traj, test, **kw)
     with pytest.raises(RuntimeError, match="killed"):
         explain(DiesAfterOneSegment(traj), test, resume_dir=tmp_path / "part", **kw)
-    assert (tmp_path / "part" / "explain_state.pt").exists()
+    assert (tmp_path / "part" / "explain_state.safetensors").exists()
     resumed = explain(traj, test, resume_dir=tmp_path / "part", **kw)
     again = explain(traj, test, resume_dir=tmp_path / "part", **kw)  # everything already done
     # the same computation on the same machine, resumed from saved partial sums: rounding only

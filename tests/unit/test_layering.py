@@ -8,7 +8,9 @@ still a circle). The layers, bottom to top:
    of ours: importing ``explaind_tl.run.storage`` must not load the recorder);
 1. foundations: ``certificate``, ``attribution``, ``optim``, ``quadrature``, ``metrics``,
    ``losses``;
-2. the store: ``run.storage``, ``run.format``;
+2. the store: ``run.storage``, ``run.format``, and reading it safely: ``run.trust`` (stored
+   import paths), ``run.validate`` (the manifest), ``run.checks`` (data files), ``run.codec``
+   (pickle-free encodings);
 3. the model seam: ``model.*`` (it stores and rebuilds models, so it sits below the run);
 4. the run: ``run.*`` (recording, replay);
 5. the engine: ``engine.*``;
@@ -35,7 +37,8 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
          "explaind_tl.run", "explaind_tl.engine")),
     (1, ("explaind_tl.certificate", "explaind_tl.attribution", "explaind_tl.optim",
          "explaind_tl.quadrature", "explaind_tl.metrics", "explaind_tl.losses")),
-    (2, ("explaind_tl.run.storage", "explaind_tl.run.format")),
+    (2, ("explaind_tl.run.storage", "explaind_tl.run.format", "explaind_tl.run.trust",
+         "explaind_tl.run.validate", "explaind_tl.run.checks", "explaind_tl.run.codec")),
     (3, ("explaind_tl.model", "explaind_tl.model.*")),
     (4, ("explaind_tl.run.*",)),
     (5, ("explaind_tl.engine.*",)),
