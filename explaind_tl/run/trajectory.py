@@ -182,6 +182,8 @@ class Trajectory:
         """
         self = cls()
         self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise TrajectoryError(f"run directory {self.run_dir} does not exist")
         man = self.manifest = read_manifest(self.run_dir, trust_remote_code=trust_remote_code,
                                             builds_from_config=model_factory is None)
         for entry in man["checkpoints"] + man["segments"]:
