@@ -276,8 +276,11 @@ def rule_alignment_grows(increase: float, boot_std: float, z: float = ALIGN_Z) -
     return bool(increase > z * boot_std)
 
 
-def rule_exact(rel_residual: float | None, replay_mismatch: float | None, tol: float = EXACT_TOL) -> bool | None:
-    """Claim 9: the attribution's total relative residual is ``<= tol`` and replay was exact."""
+def rule_exact(
+    rel_residual: float | None, replay_mismatch: float | None, tol: float = EXACT_TOL, certified: bool | None = True
+) -> bool | None:
+    """Claim 9: the attribution's total relative residual is ``<= tol``, replay was exact and the
+    certificate passed (``certified``: ``Completeness.ok``; ``None``, unknown, does not fail it)."""
     if rel_residual is None:
         return None
-    return bool(rel_residual <= tol and not replay_mismatch)
+    return bool(rel_residual <= tol and not replay_mismatch and certified is not False)

@@ -376,11 +376,13 @@ def evaluate_claims(d: dict[str, Any]) -> list[Claim]:
         rel = s.get("total_rel", s.get("total_max_rel"))
         claims.append(Claim(
             "ExPLAIND is exact: the attribution sums to the output change", "ExPLAIND; docs/design.md §1",
-            f"relative residual of the total <= {EXACT_TOL:g} (float32 gradients, float64 certificate) and exact replay",
+            f"relative residual of the total <= {EXACT_TOL:g} (float32 gradients, float64 certificate), every step "
+            "within its certificate bound, and exact replay",
             f"total {a.total():+.4g}, relative residual {_f(rel)}, max per-step abs residual "
             f"{_f(s.get('step_max_abs'))}; {s.get('refined_steps')} steps refined beyond "
-            f"{a.meta.get('nodes')} nodes (max {s.get('max_nodes')}); replay mismatch {_f(a.meta.get('replay_mismatch'))}",
-            verdict(rule_exact(rel, a.meta.get("replay_mismatch")))))
+            f"{a.meta.get('nodes')} nodes (max {s.get('max_nodes')}); certificate ok {a.completeness.ok} "
+            f"({s.get('failed_steps')} failed steps); replay mismatch {_f(a.meta.get('replay_mismatch'))}",
+            verdict(rule_exact(rel, a.meta.get("replay_mismatch"), certified=a.completeness.ok))))
     return claims
 
 

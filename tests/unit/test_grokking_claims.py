@@ -176,6 +176,8 @@ def test_claim9_exact():
     assert rule_exact(rel_residual=1e-3, replay_mismatch=0.0) is False
     assert rule_exact(rel_residual=1e-7, replay_mismatch=1e-6) is False  # replay was not exact
     assert rule_exact(rel_residual=None, replay_mismatch=0.0) is None
+    assert rule_exact(rel_residual=1e-7, replay_mismatch=0.0, certified=False) is False  # a step missed
+    assert rule_exact(rel_residual=1e-7, replay_mismatch=0.0, certified=None) is True  # unknown (old file)
 
 
 # ------------------------------------------------------------------------------- counting
