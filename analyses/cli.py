@@ -6,6 +6,9 @@ Sub-commands:
   [--queries N]`` — train a modular-addition model until it groks, explain the run with
   ExPLAIND and write a report directory (``report.md``, figures, CSVs, attributions).
 * ``explaind-tl report DIR`` — rewrite ``report.md`` and the figures of an existing study.
+* ``explaind-tl migrate PATH [PATH ...]`` — convert run directories (or explain resume
+  directories) written before format version 2, in place; only for directories you trust
+  (same as ``python -m explaind_tl.run.migrate PATH``).
 
 Startup is lazy: nothing heavy (torch, transformer_lens) is imported until a sub-command runs,
 so ``explaind-tl --help`` is fast. The command line lives with the studies it runs: the library
@@ -70,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     r = sub.add_parser("report", help="rewrite report.md and figures of an existing study directory")
     r.add_argument("out", help="study directory")
+    m = sub.add_parser(
+        "migrate",
+        help="convert run/resume directories written before format version 2 (pickled state) in place",
+        description="Convert run directories whose checkpoints hold a pickled scheduler state, and "
+        "explain resume directories holding explain_state.pt, to the pickle-free format. Loading "
+        "never unpickles; this command reads the old pickles with torch.load(weights_only=True). "
+        "Run it only on directories you trust.",
+    )
+    m.add_argument("paths", nargs="+", metavar="PATH", help="run directories or explain resume directories")
     return p
 
 
@@ -134,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         return _grokking(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "migrate":
+        from explaind_tl.run.migrate import main as migrate_main
+
+        return migrate_main(list(args.paths))
     parser.print_help()
     return 0
 

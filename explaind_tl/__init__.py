@@ -34,8 +34,10 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time every name 
     from explaind_tl.errors import CertificateWarning as CertificateWarning
     from explaind_tl.errors import QueryError as QueryError
     from explaind_tl.errors import RecordingError as RecordingError
+    from explaind_tl.errors import StorageError as StorageError
     from explaind_tl.errors import TrajectoryError as TrajectoryError
     from explaind_tl.errors import UnsupportedOptimizerError as UnsupportedOptimizerError
+    from explaind_tl.errors import UntrustedCodeError as UntrustedCodeError
     from explaind_tl.model.components import ComponentMap as ComponentMap
     from explaind_tl.questions import component_influence as component_influence
     from explaind_tl.questions import data_vs_weight_decay as data_vs_weight_decay
@@ -55,6 +57,8 @@ _LAZY = {
     "ReplayMismatchWarning": "explaind_tl.run.trajectory",
     "TrajectoryError": "explaind_tl.errors",
     "RecordingError": "explaind_tl.errors",
+    "StorageError": "explaind_tl.errors",
+    "UntrustedCodeError": "explaind_tl.errors",
     "UnsupportedOptimizerError": "explaind_tl.errors",
     "QueryError": "explaind_tl.errors",
     "CertificateWarning": "explaind_tl.errors",

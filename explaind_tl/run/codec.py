@@ -281,7 +281,7 @@ def check_legacy_explain_state(resume_dir: str | os.PathLike) -> None:
         raise TrajectoryError(
             f"{legacy} holds partial results in the old pickle format, which can run arbitrary code when loaded, so it "
             f"is not loaded: delete it to start over or, if you wrote it yourself, "
-            f"convert it with `python -m explaind_tl.run.migrate migrate {resume_dir}`"
+            f"convert it with `python -m explaind_tl.run.migrate {resume_dir}`"
         )
 
 

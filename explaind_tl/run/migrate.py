@@ -217,16 +217,14 @@ def migrate(path: str | os.PathLike) -> MigrationReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m explaind_tl.run.migrate migrate PATH [PATH ...]``."""
+    """``python -m explaind_tl.run.migrate PATH [PATH ...]`` (also ``explaind-tl migrate``)."""
     p = argparse.ArgumentParser(
         prog="python -m explaind_tl.run.migrate",
         description="Convert run directories (format version 1) and explain resume directories "
         "(explain_state.pt) recorded by older explaind_tl to the pickle-free format. Run it only on "
         "directories you trust.",
     )
-    sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("migrate", help="convert run directories / explain resume directories in place")
-    m.add_argument("paths", nargs="+", help="run directories or explain resume directories")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run directories or explain resume directories")
     args = p.parse_args(argv)
     status = 0
     for path in args.paths:

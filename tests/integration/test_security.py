@@ -159,7 +159,7 @@ def test_migration_refuses_a_crafted_pickle_and_changes_nothing(tmp_path):
         safe_format.migrate_run_dir(run)
     assert not marker.exists()
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "recorder.lock"} == before
-    assert safe_format.main(["migrate", str(run)]) == 1  # the command reports it and fails
+    assert safe_format.main([str(run)]) == 1  # the command reports it and fails
     assert not marker.exists()
 
 
@@ -174,7 +174,9 @@ def test_version_1_runs_load_and_resume_after_an_explicit_migration(tmp_path):
     assert Trajectory.load(run).verify(progress=False).ok  # loading a v1 run needs no migration
     with pytest.raises(TrajectoryError, match="migrate"):
         TrajectoryRecorder.resume(run, scheduler_factory=_sched)
-    assert safe_format.main(["migrate", str(run)]) == 0
+    from analyses.cli import main as cli_main
+
+    assert cli_main(["migrate", str(run)]) == 0  # `explaind-tl migrate RUN_DIR`
     man = _manifest(run)
     assert man["format_version"] == format.FORMAT_VERSION == 2
     assert all(_get_checkpoint_metadata(run, c["file"])["scheduler"].startswith("{") for c in man["checkpoints"])
@@ -248,7 +250,7 @@ def test_explain_resume_snapshots_are_safetensors_and_old_ones_migrate(tmp_path)
     torch.save(state, part / "explain_state.pt")
     with pytest.raises(TrajectoryError, match="migrate"):
         explain(run, q, by=("step",), resume_dir=part, progress=False)
-    assert safe_format.main(["migrate", str(part)]) == 0
+    assert safe_format.main([str(part)]) == 0
     assert sorted(p.name for p in part.iterdir()) == ["explain_state.safetensors"]
     assert torch.equal(explain(run, q, by=("step",), resume_dir=part, progress=False).values, ref.values)
 
