@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow bench lint setup clean
+.PHONY: demo test test-slow notebooks bench lint setup clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# rebuild examples/*.ipynb from examples/_make_notebooks.py and execute them (outputs committed)
+notebooks: $(STAMP)
+	$(PY) examples/_make_notebooks.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check explaind_tl analyses tests

@@ -1,8 +1,11 @@
-"""Generate the example notebooks (``python examples/_make_notebooks.py``).
+"""Generate and execute the example notebooks (``make notebooks``).
 
-The notebooks are written without outputs from the cell sources below, so they stay consistent
-with the API; ``tests/integration/test_notebooks.py`` executes them on the ``tiny`` config (seconds). Each
-notebook runs from the repository root or from ``examples/``.
+Each notebook is built from the cell sources below, executed with nbclient in this interpreter's
+environment (the repository root as working directory) and written with its outputs and figures,
+as TransformerLens's demos are, so a reader on a code host sees the plots.
+``tests/integration/test_notebooks.py`` checks that the committed notebooks match these sources,
+were executed without errors, and still execute with the current code (``tiny`` config:
+seconds). Each notebook runs from the repository root or from ``examples/``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 SETUP = """\
 import tempfile
@@ -108,8 +112,8 @@ per_query.to_frame().pivot(index="component", columns="query", values="value")""
 %matplotlib inline
 from explaind_tl.plotting import plot_component_heatmap, plot_cumulative_influence
 
-fig = plot_component_heatmap(attr)
-fig = plot_cumulative_influence(attr)"""
+display(plot_component_heatmap(attr))
+display(plot_cumulative_influence(attr))"""
         ),
     ]
     return new_notebook(cells=cells, metadata=_meta())
@@ -175,7 +179,7 @@ swap_experiment(result.trajectory, test_q)"""
 %matplotlib inline
 from explaind_tl.plotting import plot_cumulative_influence
 
-fig = plot_cumulative_influence(attr.sum("source"), accuracy=result.metrics)"""
+display(plot_cumulative_influence(attr.sum("source"), accuracy=result.metrics))"""
         ),
     ]
     return new_notebook(cells=cells, metadata=_meta())
@@ -202,9 +206,13 @@ trajectory = explaind_tl.train(
 )"""
         ),
         new_markdown_cell(
-            "## A callable metric: the margin of the correct logit over the best wrong one\n\n"
+            "## A callable metric: the margin of the correct logit over the wrong ones\n\n"
             "Write it with `gather`/masking (no Python indexing on tensors) so it works under "
-            "`torch.func.vmap`."
+            "`torch.func.vmap`. Keep it smooth: the margin over the *best* wrong logit "
+            "(`max`) jumps in slope wherever the runner-up changes along a step, and the "
+            "kink-aware quadrature only locates ReLU kinks, so such steps would miss their "
+            "certificate (`explain` says so with a `CertificateWarning`). A log-sum-exp over "
+            "the wrong logits is the smooth version."
         ),
         new_code_cell(
             """\
@@ -212,7 +220,7 @@ def margin(logits, batch):
     last = logits[:, -1, :]
     correct = last.gather(1, batch["label"].reshape(-1, 1))[:, 0]
     wrong = last.masked_fill(torch.nn.functional.one_hot(batch["label"], last.shape[-1]).bool(), -1e9)
-    return correct - wrong.max(dim=-1).values"""
+    return correct - wrong.logsumexp(dim=-1)"""
         ),
         new_markdown_cell(
             "## Custom components: QK vs OV circuit per head, embeddings, MLP in/out\n\n"
@@ -240,6 +248,7 @@ attr = explaind_tl.explain(
     by=("component", "source"), components=cmap, reduce="mean", progress=False,
 )
 print(attr.completeness)
+assert attr.completeness.ok
 attr.to_frame().pivot(index="component", columns="source", values="value")"""
         ),
         new_markdown_cell("Components add up to the total, whatever the partition:"),
@@ -268,12 +277,27 @@ NOTEBOOKS = {
 }
 
 
+def execute(nb: nbformat.NotebookNode, timeout: int = 600) -> nbformat.NotebookNode:
+    """Run ``nb`` in place with a kernel of this interpreter (``sys.executable``), from the
+    repository root, whatever kernelspecs are installed; returns it with its outputs."""
+    import sys
+
+    import nbclient
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_cmd=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"])
+    client = nbclient.NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(ROOT)}})
+    client.execute(cwd=str(ROOT))
+    return nb
+
+
 def main() -> None:
     for name, build in NOTEBOOKS.items():
         nb = build()
         nbformat.validate(nb)
+        execute(nb)
         nbformat.write(nb, HERE / name)
-        print(f"wrote {HERE / name}")
+        print(f"wrote {HERE / name} (executed)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Execute the example notebooks with nbclient (tiny config: seconds each).
+"""The example notebooks: committed executed with their figures, in sync with their generator,
+and still executing with the current code (nbclient; tiny config: seconds each).
 
-The kernel is started with this interpreter (``sys.executable -m ipykernel_launcher``), so the
-notebooks run in the same virtual environment as the tests whatever kernelspecs are installed.
+The kernel is started with this interpreter (``examples/_make_notebooks.execute``: ``sys.executable
+-m ipykernel_launcher``), so the notebooks run in the same virtual environment as the tests
+whatever kernelspecs are installed.
 The working directory is the repository root, so ``analyses`` and ``explaind_tl`` import even
 without an install.
 """
@@ -21,24 +23,22 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "examples").glob("[0-9][0-9]_*.ipynb"))
 
 
+def _generator():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import _make_notebooks as gen
+    finally:
+        sys.path.pop(0)
+    return gen
+
+
 def _run(path: Path, timeout: int = 600) -> nbformat.NotebookNode:
-    from jupyter_client.manager import KernelManager
-
-    nb = nbformat.read(path, as_version=4)
-    km = KernelManager(
-        kernel_cmd=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    )
-    client = nbclient.NotebookClient(
-        nb,
-        km=km,
-        timeout=timeout,
-        resources={"metadata": {"path": str(ROOT)}},
-    )
-    client.execute(cwd=str(ROOT))
-    return nb
+    return _generator().execute(nbformat.read(path, as_version=4), timeout=timeout)
 
 
-def test_notebooks_exist_and_have_no_outputs():
+def test_notebooks_are_committed_executed_with_figures():
+    """Committed with outputs (``make notebooks``), as TransformerLens's demos are: every code
+    cell ran, in order, without an error or a certificate warning; the plotting ones show figures."""
     names = {p.name for p in NOTEBOOKS}
     assert {
         "01_quickstart.ipynb",
@@ -47,18 +47,20 @@ def test_notebooks_exist_and_have_no_outputs():
     } <= names
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
-        for cell in nb.cells:
-            if cell.cell_type == "code":
-                assert not cell.get("outputs"), f"{path.name} is committed with outputs"
-                assert cell.get("execution_count") is None
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert [c.get("execution_count") for c in code] == list(range(1, len(code) + 1)), (
+            f"{path.name} is not committed executed: run `make notebooks`"
+        )
+        outputs = [o for c in code for o in c.get("outputs", [])]
+        assert not [o for o in outputs if o.get("output_type") == "error"], path.name
+        text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+        assert "CertificateWarning" not in text, f"{path.name}: a result missed its certificate"
+        if "plot_" in "".join(c.source for c in code):
+            assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} shows no figure"
 
 
 def test_notebooks_match_generator():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import _make_notebooks as gen
-    finally:
-        sys.path.pop(0)
+    gen = _generator()
     for name, build in gen.NOTEBOOKS.items():
         on_disk = nbformat.read(ROOT / "examples" / name, as_version=4)
         fresh = build()
