@@ -127,16 +127,6 @@ def remove_saved_dataset(path: Path) -> None:
     path.rmdir()
 
 
-def load_train_data(path: Path) -> datasets.Dataset:
-    """Load a saved training set in torch format."""
-    import datasets
-
-    try:
-        return datasets.load_from_disk(str(path)).with_format("torch")
-    except Exception as exc:
-        raise TrajectoryError(f"cannot load the training data at {path}: {exc}") from exc
-
-
 def dataset_columns(ds: datasets.Dataset) -> dict[str, Tensor]:
     """All rows of a torch-format dataset as ``{column: tensor [N, ...]}``."""
     cols = ds.with_format("torch")[:]

@@ -67,12 +67,12 @@ from explaind_tl.run.atomic import (
     snapshot,
     step_error,
 )
+from explaind_tl.run.checks import load_train_data
 from explaind_tl.run.codec import decode_scheduler_state, encode_scheduler_state
 from explaind_tl.run.data import (
     check_batch_ids,
     dataset_columns,
     gather_batch,
-    load_train_data,
     prepare_train_data,
     save_train_data,
 )
@@ -218,7 +218,7 @@ class TrajectoryRecorder:
                 if isinstance(exc, ExplaindError):
                     raise
                 raise storage_error(exc, target, None) from exc
-            self.train_data = load_train_data(self.run_dir / DATA_DIR)
+            self.train_data = load_train_data(self.run_dir / DATA_DIR, data_files)
             self._columns = dataset_columns(self.train_data)
             self.num_train = len(self.train_data)
             self.num_steps = 0

@@ -302,18 +302,19 @@ def test_overwrite_refuses_foreign_files_in_train_data_before_deleting_anything(
 
 
 def test_save_train_data_only_replaces_a_saved_dataset(tmp_path):
-    from explaind_tl.run.data import load_train_data, prepare_train_data
+    from explaind_tl.run.checks import load_train_data
+    from explaind_tl.run.data import prepare_train_data
 
     ds = prepare_train_data(modular_addition(7))
     dest = tmp_path / "data"
     save_train_data(ds, dest)
     small = prepare_train_data({k: v[:5] for k, v in modular_addition(7).items()})
-    save_train_data(small, dest)  # our own saved dataset is replaced
-    assert len(load_train_data(dest)) == 5
+    files = save_train_data(small, dest)  # our own saved dataset is replaced
+    assert len(load_train_data(dest, files)) == 5
     (dest / "README.md").write_text("user")
     with pytest.raises(TrajectoryError, match="README.md"):
         save_train_data(ds, dest)
-    assert (dest / "README.md").read_text() == "user" and len(load_train_data(dest)) == 5
+    assert (dest / "README.md").read_text() == "user" and len(load_train_data(dest, files)) == 5
     assert not (tmp_path / ".data.tmp").exists()
 
 
