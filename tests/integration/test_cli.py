@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,3 +46,48 @@ def test_module_entry_point_prints_usage():
     )
     assert res.returncode == 0, res.stderr
     assert "usage: explaind-tl" in res.stdout
+
+
+def test_bad_arguments_exit_2():
+    from analyses.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["grokking", "--config", "nope"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["grokking", "--queries", "many"])
+    assert e.value.code == 2
+
+
+def test_no_command_prints_help(capsys):
+    from analyses.cli import main
+
+    assert main([]) == 0
+    assert "usage: explaind-tl" in capsys.readouterr().out
+
+
+def test_cli_presets_match_tasks():
+    from analyses.cli import _PRESETS
+    from analyses.grokking.task import CONFIGS
+
+    assert set(_PRESETS) == set(CONFIGS)
+
+
+def test_grokking_no_explain_tiny(tmp_path, capsys):
+    from analyses.cli import main
+
+    out = tmp_path / "study"
+    assert main(["grokking", "--config", "tiny", "--out", str(out), "--no-explain", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "summary" in text and f"report: {out / 'report.md'}" in text
+    assert (out / "report.md").exists() and (out / "metrics.csv").exists()
+    # the report can be regenerated from the files alone
+    assert main(["report", str(out)]) == 0
+
+
+def test_migrate_reports_a_path_that_is_not_a_run(tmp_path, capsys):
+    from analyses.cli import main
+
+    (tmp_path / "mine").mkdir()
+    assert main(["migrate", str(tmp_path / "mine")]) == 1
+    assert "neither a run directory" in capsys.readouterr().err
