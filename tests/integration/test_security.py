@@ -145,8 +145,7 @@ def test_crafted_scheduler_pickle_does_not_run_on_resume(tmp_path, as_version_1)
 
 
 def test_migration_refuses_a_crafted_pickle_and_changes_nothing(tmp_path):
-    from explaind_tl.run import codec, format  # noqa: F401
-    from explaind_tl.run import migrate as safe_format
+    from explaind_tl.run import codec, format, migrate  # noqa: F401
 
     run, marker = tmp_path / "run", tmp_path / "PWNED"
     _record(run)
@@ -156,16 +155,15 @@ def test_migration_refuses_a_crafted_pickle_and_changes_nothing(tmp_path):
     _reseal(run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "recorder.lock"}
     with pytest.raises(TrajectoryError, match="cannot convert"):
-        safe_format.migrate_run_dir(run)
+        migrate.migrate_run_dir(run)
     assert not marker.exists()
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "recorder.lock"} == before
-    assert safe_format.main([str(run)]) == 1  # the command reports it and fails
+    assert migrate.main([str(run)]) == 1  # the command reports it and fails
     assert not marker.exists()
 
 
 def test_version_1_runs_load_and_resume_after_an_explicit_migration(tmp_path):
-    from explaind_tl.run import codec, format  # noqa: F401
-    from explaind_tl.run import migrate as safe_format
+    from explaind_tl.run import codec, format, migrate  # noqa: F401
 
     ref_model = _record(tmp_path / "reference", steps=STEPS + 3)
     run = tmp_path / "run"
@@ -181,7 +179,7 @@ def test_version_1_runs_load_and_resume_after_an_explicit_migration(tmp_path):
     assert man["format_version"] == format.FORMAT_VERSION == 2
     assert all(_get_checkpoint_metadata(run, c["file"])["scheduler"].startswith("{") for c in man["checkpoints"])
     assert Trajectory.load(run).verify(progress=False).ok  # checksums were updated
-    assert safe_format.migrate_run_dir(run).converted == []  # idempotent
+    assert migrate.migrate_run_dir(run).converted == []  # idempotent
     # the migrated scheduler state continues the run exactly like the uninterrupted reference
     rec = TrajectoryRecorder.resume(run, scheduler_factory=_sched)
     g = torch.Generator().manual_seed(0)
@@ -194,8 +192,7 @@ def test_version_1_runs_load_and_resume_after_an_explicit_migration(tmp_path):
 
 
 def test_interrupted_migration_can_be_run_again(tmp_path, monkeypatch):
-    from explaind_tl.run import codec, format  # noqa: F401
-    from explaind_tl.run import migrate as safe_format
+    from explaind_tl.run import codec, format, migrate  # noqa: F401
 
     run = tmp_path / "run"
     _record(run)
@@ -211,12 +208,12 @@ def test_interrupted_migration_can_be_run_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", dies_on_second_checkpoint)
     with pytest.raises(OSError):
-        safe_format.migrate_run_dir(run)
+        migrate.migrate_run_dir(run)
     monkeypatch.setattr(os, "replace", real_replace)
     assert len(moved) == 1 and _manifest(run)["format_version"] == 1
     with pytest.raises(TrajectoryError):  # half-migrated: the converted file no longer matches
         Trajectory.load(run)
-    assert safe_format.migrate_run_dir(run).format_version == 2  # the journal lets it finish
+    assert migrate.migrate_run_dir(run).format_version == 2  # the journal lets it finish
     assert not (run / "migration.json").exists()
     assert Trajectory.load(run).verify(progress=False).ok
     TrajectoryRecorder.resume(run, scheduler_factory=_sched).abort()
@@ -233,8 +230,7 @@ def test_explain_resume_snapshot_pickle_does_not_run(tmp_path):
 
 
 def test_explain_resume_snapshots_are_safetensors_and_old_ones_migrate(tmp_path):
-    from explaind_tl.run import codec, format  # noqa: F401
-    from explaind_tl.run import migrate as safe_format
+    from explaind_tl.run import codec, format, migrate  # noqa: F401
 
     run, part = tmp_path / "run", tmp_path / "part"
     _record(run, scheduler=False)
@@ -250,7 +246,7 @@ def test_explain_resume_snapshots_are_safetensors_and_old_ones_migrate(tmp_path)
     torch.save(state, part / "explain_state.pt")
     with pytest.raises(TrajectoryError, match="migrate"):
         explain(run, q, by=("step",), resume_dir=part, progress=False)
-    assert safe_format.main([str(part)]) == 0
+    assert migrate.main([str(part)]) == 0
     assert sorted(p.name for p in part.iterdir()) == ["explain_state.safetensors"]
     assert torch.equal(explain(run, q, by=("step",), resume_dir=part, progress=False).values, ref.values)
 
