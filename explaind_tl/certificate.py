@@ -206,7 +206,7 @@ class Completeness:
             shown = ", ".join(str(s) for s in failed[:10]) + (", ..." if len(failed) > 10 else "")
             parts.append(
                 f"steps [{shown}]; worst: step {w['step']}, |residual| {w['residual']:.3g} > bound "
-                f"{w['bound']:.3g}"
+                f"{w['bound']:.3g} ({w['ratio']:.3g}x)"
             )
         if not self.total_ok:
             t = self.worst_total()

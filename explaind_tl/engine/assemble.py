@@ -130,19 +130,7 @@ def assembly_allowance(
 def certificate_message(c, dtype: torch.dtype, max_nodes: int, kinks_off: bool) -> str:
     """What failed and what to try, for the warning and the strict error."""
     failed = c.failed_steps or []
-    w = c.worst()
-    parts = [
-        f"completeness certificate failed: {len(failed)} of {len(c.steps)} steps have a residual above "
-        f"their bound (tol={c.tol:.3g})"
-    ]
-    if failed and w is not None:
-        parts.append(
-            f"worst: step {w['step']}, |residual| {w['residual']:.3g} > bound {w['bound']:.3g} "
-            f"({w['ratio']:.3g}x); failed steps {failed[:10]}{' ...' if len(failed) > 10 else ''}"
-        )
-    if not c.total_ok:
-        t = c.worst_total()
-        parts.append(f"the total residual {t['residual']:.3g} exceeds its bound {t['bound']:.3g}")
+    parts = [f"completeness {c.verdict()}"]
     # a failed step that could not double its nodes hit the cap; one below it stopped because
     # refinement no longer improved it (rounding in the working dtype, or an integrand the
     # quadrature does not resolve), where more nodes do not help

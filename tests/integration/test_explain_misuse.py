@@ -325,7 +325,7 @@ def test_certificate_survives_save_load_and_old_files_stay_unknown(tmp_path):
 def test_failing_certificate_warns_and_strict_raises(runs):
     _, violent, test = runs
     kw = dict(by=("step",), nodes=1, max_nodes=1, kink_aware=False, tol=1e-6, **F64)
-    with pytest.warns(CertificateWarning, match="steps have a residual above") as rec:
+    with pytest.warns(CertificateWarning, match="steps above their bound") as rec:
         attr = explain(violent, test, **kw)
     message = next(str(w.message) for w in rec if issubclass(w.category, CertificateWarning))
     assert "max_nodes" in message and "kink_aware" in message
@@ -338,7 +338,7 @@ def test_failing_certificate_warns_and_strict_raises(runs):
     assert bool((c.step_bound >= c.tol * c.step_measured.abs()).all())
     w = c.worst()
     assert f"{w['residual']:.3g}" in message and f"{w['bound']:.3g}" in message
-    with pytest.raises(CertificateError, match="steps have a residual above") as err:
+    with pytest.raises(CertificateError, match="steps above their bound") as err:
         explain(violent, test, strict=True, **kw)
     assert isinstance(err.value, ArithmeticError) and isinstance(err.value, ExplaindError)
     assert err.value.attribution.completeness.failed_steps == c.failed_steps
