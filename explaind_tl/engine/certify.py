@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from explaind_tl.contraction import dot_and_magnitude
 from explaind_tl.engine.options import ExplainOptions
 from explaind_tl.engine.plan import take
 from explaind_tl.engine.setup import Setup
@@ -132,6 +133,7 @@ class Certifier:
         n: int,
         ends: tuple[Tensor, Tensor] | None,
         tangents: Params | None = None,
+        out: Tensor | None = None,
     ) -> Float[Tensor, "row param_or_tangent"]:
         """``φ̂`` for the rows of one query chunk with ``n`` shared Gauss–Legendre nodes.
 
@@ -139,6 +141,11 @@ class Certifier:
         with the activation pattern forced and the piece's weights (:func:`kink_pieces`). With
         ``tangents`` (dict of ``[T, *shape]``; per-query rows only) the result is ``<φ̂, t>`` for
         each tangent, ``[rows, T]``, from forward-mode derivatives instead of gradients.
+
+        Without tangents the rows are written into ``out`` (``[rows, P]``, any float dtype,
+        overwritten) when given: the sweeps keep ``φ̂`` in a preallocated working-dtype buffer,
+        and the nodes are summed into it in that dtype (what the certificate's rounding
+        allowance ``16 eps Σ|φ̂ Δ|`` covers).
         """
         plan = self.ctx.plan
         t_nodes, w_nodes = gauss_legendre(n)
@@ -157,14 +164,27 @@ class Certifier:
                 mask[len(smooth) + kp.force_row, kp.force_unit] = True
                 val[len(smooth) + kp.force_row, kp.force_unit] = kp.force_on
                 force = (mask.to(self.ctx.device), val.to(self.ctx.device))
-        # local position of each row's query inside the chunk
+        # local position of each row's query inside the chunk; rows reordered so that the first
+        # row of every query comes first, in the chunk's order (each query's row of φ̂ then takes
+        # one in-place multiply-add per parameter), then the extra pieces of kinked queries
         pos = torch.searchsorted(idx_cpu, rows_q)
+        order = torch.argsort(pos, stable=True)
+        lead = torch.ones(len(order), dtype=torch.bool)
+        lead[1:] = pos[order][1:] != pos[order][:-1]
+        order = torch.cat([order[lead], order[~lead]])
+        rows_q, pos, weights = rows_q[order], pos[order], weights[order]
+        if force is not None:
+            force = (force[0][order.to(self.ctx.device)], force[1][order.to(self.ctx.device)])
+        n_lead = int(lead.sum())
         sub = take(self.ctx.batch, rows_q.to(self.ctx.device))
         if force is not None:
             sub = {**sub, KINK_MASK: force[0], KINK_ON: force[1]}
         n_rows = (len(idx) if plan.resolve_query else 1) * plan.rows_per_query
         width = self.ctx.layout.numel if tangents is None else next(iter(tangents.values())).shape[0]
-        phi = torch.zeros(n_rows, width, dtype=torch.float64, device=self.ctx.device)
+        if out is not None and tangents is None:
+            phi = out.zero_()
+        else:
+            phi = torch.zeros(n_rows, width, dtype=torch.float64, device=self.ctx.device)
         o = plan.rows_per_query
         for j, tj in enumerate(t_nodes.tolist()):
             p = {k: w[k] + tj * delta[k] for k in self.ctx.names}
@@ -177,17 +197,21 @@ class Certifier:
                 phi += per_q.reshape(d.shape[0], -1).T
             elif plan.resolve_query:
                 g = self.ctx.qf.per_query_grad(p, sub, plan.resolve_output)  # [rows, O', *shape]
-                # the weighted pieces of each query summed in the working dtype, one parameter at a
-                # time, as a product with the [queries, rows] weight matrix: the [rows, O', P] block
-                # is read once and never copied to float64
-                pieces = torch.zeros(len(idx), len(rows_q), dtype=self.ctx.dtype, device=self.ctx.device)
-                pieces[pos.to(self.ctx.device), torch.arange(len(rows_q), device=self.ctx.device)] = wj.to(self.ctx.device, self.ctx.dtype)
+                # the weighted pieces of each query summed into its rows in the working dtype, in
+                # place: the [pieces, O', P] block is read once and never copied to float64
+                grid = phi.view(len(idx), o, phi.shape[1])
+                wr = wj.to(self.ctx.device, self.ctx.dtype)
+                # extra pieces row by row (index_add_ into the strided view costs a full pass)
+                extra = list(zip(range(n_lead, len(rows_q)), pos[n_lead:].tolist(), wj[n_lead:].tolist()))
                 for name, sl in self.ctx.layout.slices.items():
-                    phi[:, sl] += (pieces @ g[name].reshape(len(rows_q), -1)).reshape(len(idx) * o, -1)
+                    gn, view = g[name], grid[:, :, sl].unflatten(2, self.ctx.layout_shapes[name])
+                    view.addcmul_(gn[:n_lead], wr[:n_lead].reshape(-1, *([1] * (gn.ndim - 1))))
+                    for r, q_at, w_r in extra:
+                        view[q_at].add_(gn[r], alpha=w_r)
             else:
                 rw = (plan.weights[rows_q] * wj).to(self.ctx.device)
                 g = self.ctx.qf.aggregate_grad(p, sub, rw, plan.resolve_output)  # [O', *]
-                phi += self.ctx.layout.flatten(g, lead=1, dtype=torch.float64)
+                phi += self.ctx.layout.flatten(g, lead=1, dtype=phi.dtype)
         return phi
 
     def phi(
@@ -198,6 +222,7 @@ class Certifier:
         q0: tuple[Tensor, Tensor | None],
         q1: tuple[Tensor, Tensor | None],
         vectors: Tensor | None = None,
+        out: Tensor | None = None,
     ) -> Float[Tensor, "row param_or_vector"]:
         """``φ̂_s`` for all rows, refined against the certificate; records nodes, measured and
         attributed change and the bound the residual was compared against (``step_bound``: the
@@ -207,6 +232,10 @@ class Certifier:
         With ``vectors`` (``[T, P]`` float64 whose sum is ``Δ_s``), returns ``<φ̂_s, v>`` for each
         instead, ``[rows, T]``, from forward-mode derivatives (per-query rows). The certificate's
         rounding allowance then uses ``Σ_v |<φ̂_s, v>|`` for ``Σ_p |φ̂_p Δ_p|``.
+
+        Without ``vectors``, ``φ̂_s`` is written into ``out`` (``[rows, P]``, overwritten; default:
+        a new float64 matrix) in ``out``'s dtype; the certificate's ``<φ̂_s, Δ_s>`` and
+        ``Σ_p |φ̂_p Δ_p|`` are float64 sums of its entries (:func:`~explaind_tl.contraction.dot_and_magnitude`).
         """
         plan = self.ctx.plan
         w = self.ctx.to_work(w_s)
@@ -216,7 +245,14 @@ class Certifier:
         ends = (q0[1], q1[1]) if (self.ctx.kink_aware and q0[1] is not None) else None
         tangents = None if vectors is None else self.ctx.layout.unflatten(vectors.to(self.ctx.device, self.ctx.dtype))
         width = self.ctx.layout.numel if vectors is None else vectors.shape[0]
-        phi = torch.zeros(plan.n_rows, width, dtype=torch.float64, device=self.ctx.device)
+        if vectors is None and out is not None:
+            phi = out
+            if not plan.resolve_query:
+                phi.zero_()
+        else:
+            phi = torch.zeros(plan.n_rows, width, dtype=torch.float64, device=self.ctx.device)
+        # per-query rows of a chunk are written in place; aggregated rows are summed over chunks
+        in_place = vectors is None and plan.resolve_query
         measured = torch.zeros(plan.n_rows, dtype=torch.float64)
         attributed = torch.zeros(plan.n_rows, dtype=torch.float64)
         bounds = torch.zeros(plan.n_rows, dtype=torch.float64)
@@ -231,9 +267,9 @@ class Certifier:
             att_prev, worst_prev, stalls = None, math.inf, 0
             while True:
                 self.kinks_seen[s] = 0
-                part = self._phi_chunk(s, w, delta, idx, n, ends, tangents)
+                part = self._phi_chunk(s, w, delta, idx, n, ends, tangents, out=phi[rs] if in_place else None)
                 if tangents is None:
-                    att, mag = part @ dflat, part.abs() @ dflat.abs()
+                    att, mag = dot_and_magnitude(part, dflat)
                 else:
                     att, mag = part.sum(1), part.abs().sum(1)
                 res = (meas - att).abs()
@@ -257,7 +293,8 @@ class Certifier:
                 margin = float((res / bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
                 self._adapt_start(int(idx[0]), n0, n, margin)
             n_max = max(n_max, n)
-            phi[rs] += part
+            if not in_place:
+                phi[rs] += part
             measured[rs] += meas.cpu()
             attributed[rs] += att.cpu()
             bounds[rs] += bound.cpu()

@@ -9,6 +9,7 @@ follow the training examples as pseudo-entries (:data:`explaind_tl.axes.PSEUDO`)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from jaxtyping import Float
@@ -42,110 +43,183 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
     the *next* step's ``β_{s+1}`` (schedulers such as OneCycleLR change β every step).
     ``gt_s`` enters with ``G_s = c_s Ã_s + e_s φ_s``; the momentum carried into the window,
     ``b_a``, with ``β_a Ã_a``.
+
+    The ``[rows, P]`` state (``φ̂_s``, ``Ã_s``) lives in preallocated buffers in the working
+    dtype, columns in the component blocks' order (:class:`~explaind_tl.contraction.Blocks`),
+    updated in place; the data entries are one GEMM per component block with the step's
+    per-example gradients, and every other entry is a float64 contraction with a flat vector
+    (docs/design.md §4, "the sweep's arithmetic").
     """
     plan = ctx.plan
     a, b = plan.window
     n_train = ctx.traj.num_train
     col = {lbl: n_train + i for i, lbl in enumerate(PSEUDO)}
+    blocks = ctx.blocks
+    R, P = plan.n_rows, ctx.layout.numel
     state = resume.load() if resume else None
-    A = torch.zeros(plan.n_rows, ctx.layout.numel, dtype=torch.float64, device=ctx.device)
+    # With a core to spare, each step's data entries (per-example gradients and their GEMM with
+    # Ã_s) run in a worker thread while the main thread computes the next φ̂: Ã is then
+    # double-buffered (the worker reads Ã_s while Ã_{s-1} is written into the other buffer).
+    overlap = ctx.prefetch
+    A_bufs = [torch.zeros(R, P, dtype=ctx.dtype, device=ctx.device) for _ in range(2 if overlap else 1)]
+    cur = 0  # A_bufs[cur] holds Ã_{s+1} (blocks' order)
+    phi_out = torch.empty(R, P, dtype=ctx.dtype, device=ctx.device)  # φ̂_s as the certifier writes it
+    phi_sorted = torch.empty_like(phi_out) if blocks.perm is not None else None
     beta_next = 0.0  # β_{s+1} of the step after the current one (Ã_b = 0 at the window's end)
     done_before = b
     q1 = None
-    lossf = None
+    lossf = loss_function(ctx)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="explaind-data") if overlap else None
+    pending: Future | None = None
+
+    def data_job(G: Tensor, g_scale: float, ids: Tensor, w_work: Params, k: int, scale: float):
+        parts, data_sum = [], torch.zeros(R, ctx.n_comp, dtype=torch.float64)
+        for cid, contrib in data_entries(ctx, lossf, G, g_scale, ids, w_work):
+            contrib = scale * contrib.cpu()
+            parts.append((cid.cpu(), contrib))
+            data_sum += contrib.sum(-1)
+        return k, parts, data_sum
+
+    def book(result) -> None:
+        # <G, gt_s> (the data entries) leaves the update-residual entry (see below)
+        k, parts, data_sum = result
+        for cid, contrib in parts:
+            acc[k].index_add_(2, cid, contrib)
+        acc[k, :, :, col["update_residual"]] -= data_sum
+
+    def settle() -> None:
+        nonlocal pending
+        if pending is not None:
+            book(pending.result())
+            pending = None
+
     if state is not None:
         acc.copy_(state["acc"])
-        A = state["A"].to(ctx.device)
+        A_bufs[0].copy_(blocks.sort(state["A"].to(ctx.device, ctx.dtype)))
         done_before = state["done_before"]
         beta_next = ctx.beta_of(done_before) if done_before < b else 0.0
         cert.restore(state)
     bar = prefetch.progress_bar(progress, total=b - a, initial=b - done_before, desc="explain (train, adjoint)")
-    perm = blocks = None
-    if ctx.flat_index is not None:
-        perm = torch.argsort(ctx.flat_index, stable=True)
-        blocks = torch.bincount(ctx.flat_index, minlength=ctx.n_comp).tolist()
-    for seg in prefetch.prefetched(ctx.traj.segments(a, done_before, reverse=True), ctx.prefetch):
-        for rec in reversed(seg):
-            s = rec.step
-            if q1 is None:
-                q1 = cert.endpoint(rec.next_params, s + 1)
-            q0 = cert.endpoint(rec.params, s)
-            phi = cert.phi(s, rec.params, rec.next_params, q0, q1)
-            q1 = q0
-            spec = ctx.step_spec(rec)
-            co = ctx.coefficients(rec)
-            P = ctx.flat64(co.P)
-            e = ctx.flat64(co.e) if co.e is not None else None
-            w64 = ctx.flat64(rec.params)
-            # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1}; gradient gt_s enters with G_s = c_s Ã_s + e_s ⊙ φ_s
-            A = P[None, :] * phi + (beta_next * A if co.has_buffer else 0.0)
-            beta_next = co.beta if co.has_buffer else 0.0
-            G = co.c * A
-            if e is not None:
-                G = G + e[None, :] * phi
-            k = plan.bin_of(s)
-            # training examples seen at step s
-            ids = rec.batch_ids.to(torch.long)
-            scale = rec.clip_factor / len(ids)
-            data_sum = torch.zeros(plan.n_rows, ctx.n_comp, dtype=torch.float64)
-            if lossf is None:
-                lossf = loss_function(ctx)
-            for cid, contrib in data_entries(ctx, lossf, G, ids, ctx.to_work(rec.params), perm, blocks):
-                contrib = scale * contrib.cpu()
-                acc[k].index_add_(2, cid.cpu(), contrib)
-                data_sum += contrib.sum(-1)
-            # pseudo-examples
-            reg = torch.zeros_like(data_sum)
-            if co.coupled_wd:
-                reg = ctx.reduce(G * (co.coupled_wd * w64)[None, :]).cpu()
-                acc[k, :, :, col["regularization"]] += reg
-            if co.decoupled_wd:
-                acc[k, :, :, col["weight_decay"]] += ctx.reduce(phi * (-co.decoupled_wd * w64)[None, :]).cpu()
-            # update residual: with the reconstruction Δ_s = -λ' w_s + P ⊙ b_{s+1} + e ⊙ gt_s + ρ_s,
-            # b_{s+1} = β b_s + c gt_s + ε_s, its entry <A, ε_s> + <φ, ρ_s> is
-            # X - <G, gt_s>, X = <A, b_{s+1} - β b_s> + <φ, Δ_s + λ' w_s - P ⊙ b_{s+1}>, and
-            # <G, gt_s> is what the data and regularization entries of step s add up to. So the
-            # entry also carries their rounding (float32 gradients of saturated losses) and every
-            # step's entries add up to exactly what its φ and Δ say.
-            delta = ctx.flat64(rec.next_params) - w64
-            kept = delta + co.decoupled_wd * w64
-            if co.has_buffer:
-                # ε_s = b_{s+1} - β_s b_s - c_s gt_s (this step's β_s) reaches the output through Ã_s
-                b_next = ctx.buffer(rec.state_after, spec)
-                b_prev = ctx.buffer(rec.state_before, spec)
-                X = ctx.reduce(A * (b_next - co.beta * b_prev)[None, :] + phi * (kept - P * b_next)[None, :])
-            else:  # plain SGD: A = P ⊙ φ = G
-                X = ctx.reduce(phi * kept[None, :])
-            acc[k, :, :, col["update_residual"]] += X.cpu() - data_sum - reg
-            if s == a and co.has_buffer:
-                # b_{s+1} ∋ Π_{j=a..s} β_j b_a, so b_a enters with β_a Ã_a (β_a: this step's)
-                b_a = ctx.buffer(rec.state_before, spec)
-                acc[k, :, :, col["history"]] += ctx.reduce(co.beta * A * b_a[None, :]).cpu()
-            bar.update(1)
-        done_before = seg[0].step
-        if resume is not None:
-            resume.save({"done_before": done_before, "acc": acc, "A": A.cpu(), **cert.snapshot()})
-    bar.close()
+    try:
+        for seg in prefetch.prefetched(ctx.traj.segments(a, done_before, reverse=True), ctx.prefetch):
+            for rec in reversed(seg):
+                s = rec.step
+                if q1 is None:
+                    q1 = cert.endpoint(rec.next_params, s + 1)
+                q0 = cert.endpoint(rec.params, s)
+                cert.phi(s, rec.params, rec.next_params, q0, q1, out=phi_out)
+                phi = blocks.sort_into(phi_out, phi_sorted)
+                q1 = q0
+                spec = ctx.step_spec(rec)
+                co = ctx.coefficients(rec)
+                Pv = ctx.sorted64(co.P)
+                e = ctx.sorted64(co.e) if co.e is not None else None
+                w64 = ctx.sorted64(rec.params)
+                # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1} (into the other buffer when double-buffered)
+                nxt = (cur + 1) % len(A_bufs)
+                A = A_bufs[nxt]
+                if co.has_buffer:
+                    torch.mul(A_bufs[cur], beta_next, out=A).addcmul_(phi, Pv.to(ctx.dtype))
+                else:
+                    torch.mul(phi, Pv.to(ctx.dtype), out=A)
+                cur = nxt
+                beta_next = co.beta if co.has_buffer else 0.0
+                # gradient gt_s enters with G_s = c_s Ã_s + e_s ⊙ φ_s: without e_s, GEMMs on Ã_s scaled by c_s
+                if e is not None:
+                    G, g_scale = torch.mul(A, co.c).addcmul_(phi, e.to(ctx.dtype)), 1.0
+                else:
+                    G, g_scale = A, co.c
+                k = plan.bin_of(s)
+                # training examples seen at step s: their entries (the worker's, with overlap)
+                ids = rec.batch_ids.to(torch.long)
+                job = (G, g_scale, ids, ctx.to_work(rec.params), k, rec.clip_factor / len(ids) * g_scale)
+                settle()
+                if pool is not None:
+                    pending = pool.submit(data_job, *job)
+                else:
+                    book(data_job(*job))
+                # every other entry: float64 contractions of Ã_s and φ_s with flat vectors
+                delta = ctx.sorted64(rec.next_params) - w64
+                kept = delta + co.decoupled_wd * w64
+                on_A, on_phi = {}, {}
+                if co.has_buffer:
+                    # ε_s = b_{s+1} - β_s b_s - c_s gt_s (this step's β_s) reaches the output through Ã_s
+                    b_next = ctx.buffer(rec.state_after, spec, sort=True)
+                    b_prev = ctx.buffer(rec.state_before, spec, sort=True)
+                    on_A["X"] = b_next - co.beta * b_prev
+                    on_phi["X"] = kept - Pv * b_next
+                    if s == a:
+                        on_A["history"] = b_prev
+                else:  # plain SGD: A = P ⊙ φ = G
+                    on_phi["X"] = kept
+                if co.coupled_wd:
+                    on_A["reg"] = co.c * co.coupled_wd * w64
+                    if e is not None:
+                        on_phi["reg"] = co.coupled_wd * e * w64
+                if co.decoupled_wd:
+                    on_phi["wd"] = -co.decoupled_wd * w64
+                dA = _contract(blocks, A, on_A)
+                dphi = _contract(blocks, phi, on_phi)
+                reg = dA.get("reg", 0.0) + dphi.get("reg", 0.0)
+                if co.coupled_wd:
+                    acc[k, :, :, col["regularization"]] += reg
+                if co.decoupled_wd:
+                    acc[k, :, :, col["weight_decay"]] += dphi["wd"]
+                # update residual: with the reconstruction Δ_s = -λ' w_s + P ⊙ b_{s+1} + e ⊙ gt_s + ρ_s,
+                # b_{s+1} = β b_s + c gt_s + ε_s, its entry <A, ε_s> + <φ, ρ_s> is
+                # X - <G, gt_s>, X = <A, b_{s+1} - β b_s> + <φ, Δ_s + λ' w_s - P ⊙ b_{s+1}>, and
+                # <G, gt_s> is what the data and regularization entries of step s add up to (the
+                # data part is taken off in book()). So the entry also carries their rounding
+                # (working-dtype GEMMs, float32 gradients of saturated losses) and every step's
+                # entries add up to exactly what its φ and Δ say.
+                acc[k, :, :, col["update_residual"]] += dA.get("X", 0.0) + dphi["X"] - reg
+                if "history" in dA:
+                    # b_{s+1} ∋ Π_{j=a..s} β_j b_a, so b_a enters with β_a Ã_a (β_a: this step's)
+                    acc[k, :, :, col["history"]] += co.beta * dA["history"]
+                bar.update(1)
+            done_before = seg[0].step
+            if resume is not None:
+                settle()
+                A_layout = blocks.unsort(A_bufs[cur]).to(torch.float64).cpu()
+                resume.save({"done_before": done_before, "acc": acc, "A": A_layout, **cert.snapshot()})
+        settle()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+
+
+def _contract(blocks, M: Tensor, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``{name: [rows, C] float64}``: per-component ``<M_r, v>`` for each flat vector, one pass over ``M``."""
+    if not vectors:
+        return {}
+    out = blocks.dots(M, torch.stack(list(vectors.values()), 1)).cpu()
+    return {name: out[:, :, j] for j, name in enumerate(vectors)}
+
 
 def data_entries(
     ctx: Setup,
     lossf: LossFunction,
     G: Float[Tensor, "row param"],
+    g_scale: float,
     ids: Tensor,
     w_work: Params,
-    perm: Tensor | None,
-    blocks: list[int] | None,
 ) -> Iterator[tuple[Tensor, Float[Tensor, "row component chunk"]]]:
-    """``<G_r|_c, ∇ℓ(x_i; w_s)>`` for the training examples ``ids``, chunk by chunk.
+    """``<G_r|_c, ∇ℓ(x_i; w_s)> / g_scale`` for the training examples ``ids``, chunk by chunk.
 
-    Yields ``(chunk ids, entries [R, C, b])``. With few tangents (rows x components,
+    ``G`` is in the component blocks' order and the working dtype; ``g_scale`` is the factor
+    the caller applies to the entries (``G = g_scale · (the matrix passed)``), so the jvp path
+    divides nothing and the GEMM path never forms the scaled matrix.
+
+    Yields ``(chunk ids, entries [R, C, b] float64)``. With few tangents (rows x components,
     ``ctx.train_jvp``) the entries are forward-mode directional derivatives of the
-    per-example losses, so no ``b x P`` per-example gradients are formed; otherwise
-    per-example gradients are materialised and contracted.
+    per-example losses, so no ``b x P`` per-example gradients are formed; otherwise the
+    per-example gradients are flattened once in the working dtype and contracted with ``G``
+    in one GEMM per component block (:meth:`~explaind_tl.contraction.Blocks.gram`).
     """
     R, C = G.shape[0], ctx.n_comp
     if ctx.train_jvp:
-        tangents = ctx.layout.unflatten(ctx.per_component(G).to(ctx.dtype))
+        tangents = ctx.layout.unflatten(ctx.per_component(ctx.blocks.unsort(G)).to(ctx.dtype))
         for start in range(0, len(ids), ctx.jvp_chunk):
             cid = ids[start : start + ctx.jvp_chunk]
             tb = {kk: v.to(ctx.device) for kk, v in ctx.traj.batch(cid).items()}
@@ -155,12 +229,5 @@ def data_entries(
     for start in range(0, len(ids), ctx.train_chunk):
         cid = ids[start : start + ctx.train_chunk]
         tb = {kk: v.to(ctx.device) for kk, v in ctx.traj.batch(cid).items()}
-        grads = ctx.layout.flatten(lossf.per_example_grad(w_work, tb), lead=1, dtype=torch.float64)
-        if perm is None:
-            contrib = (G @ grads.T)[:, None, :]  # [R, 1, b]
-        else:
-            Gs, gs = G[:, perm], grads[:, perm]
-            contrib = torch.stack(
-                [gb_ @ Gb_.T for Gb_, gb_ in zip(torch.split(Gs, blocks, 1), torch.split(gs, blocks, 1))], 1
-            ).permute(2, 1, 0)  # [b, C, R] -> [R, C, b]
-        yield cid, contrib
+        grads = ctx.blocks.sort(ctx.layout.flatten(lossf.per_example_grad(w_work, tb), lead=1, dtype=ctx.dtype))
+        yield cid, ctx.blocks.gram(G, grads)

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from explaind_tl.contraction import Blocks
 from explaind_tl.engine.options import TRAIN_GRADS, ExplainOptions
 from explaind_tl.engine.plan import Plan
 from explaind_tl.model.functional import ParamLayout, Params, QueryFunction
@@ -64,6 +65,7 @@ class Setup:
         self.names = list(trajectory.param_names)
         params0 = dict(model.named_parameters())
         self.layout = ParamLayout(tuple(self.names), tuple(params0[n].shape for n in self.names))
+        self.layout_shapes = dict(zip(self.layout.names, self.layout.shapes))
         self.fast_forward = options.fast_forward
         self.qf = QueryFunction(
             model, self.names, metric_fn, dtype=dtype, device=device, position=position if options.fast_forward else None
@@ -89,6 +91,8 @@ class Setup:
         else:
             self.flat_index = None
             self.n_comp = 1
+        # the components as contiguous column blocks of the flat vector (the seen sweep's order)
+        self.blocks = Blocks.from_index(self.flat_index, self.layout.numel, self.n_comp)
         self.eps = torch.finfo(dtype).eps
         # per-query rows on the realized clock: forward-mode derivatives along each (update vector,
         # component) instead of per-query gradients
@@ -130,6 +134,10 @@ class Setup:
     def flat64(self, d: Params) -> Tensor:
         return self.layout.flatten({k: v.to(self.device) for k, v in d.items()}, dtype=torch.float64)
 
+    def sorted64(self, d: Params) -> Tensor:
+        """:meth:`flat64` in the component blocks' order (:attr:`blocks`)."""
+        return self.blocks.sort(self.flat64(d))
+
     def to_work(self, d: Params) -> Params:
         return {k: d[k].to(self.device, self.dtype) for k in self.names}
 
@@ -161,8 +169,10 @@ class Setup:
         first = not rec.state_before or not any(rec.state_before.values())
         return update_coefficients_for(self.step_spec(rec), rec.lr, rec.step_count, rec.state_after, first, rec.params)
 
-    def buffer(self, state: dict, spec=None) -> Tensor:
-        """The flat float64 momentum buffer held in an optimizer state (zero when absent)."""
+    def buffer(self, state: dict, spec=None, sort: bool = False) -> Tensor:
+        """The flat float64 momentum buffer held in an optimizer state (zero when absent);
+        in the component blocks' order with ``sort``."""
         if not state or not any(state.values()):
             return torch.zeros(self.layout.numel, dtype=torch.float64, device=self.device)
-        return self.flat64(buffer_after(spec or self.spec, state))
+        flat = self.flat64(buffer_after(spec or self.spec, state))
+        return self.blocks.sort(flat) if sort else flat

@@ -500,3 +500,54 @@ def test_prefetched_order_errors_and_early_exit():
             break
     assert not any(t.name == "explaind-replay" for t in threading.enumerate())
     assert len(produced) <= 6  # the worker stays at most a couple of items ahead
+
+
+@pytest.mark.parametrize("components", ["head", "neuron"])
+def test_data_worker_matches_sequential(tmp_path, components, monkeypatch):
+    """The train axis with a core to spare (data entries in a worker thread, Ã double-buffered)
+    equals the sequential sweep; neuron components take the permuted column blocks."""
+    import threading
+
+    import explaind_tl.engine.seen as seen
+
+    train, test = modular_data()
+    traj, _, _ = record(tmp_path, tiny_transformer("relu", seed=3), "sgd_nesterov", train, steps=6)
+    kw = dict(by=("train", "component"), components=components, dtype=torch.float64, progress=False, train_grads="per_example")
+    seq = explain(traj, test, **kw)
+    threads = set()
+    real = seen.data_entries
+
+    def spy(*a, **k):
+        threads.add(threading.current_thread().name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(seen, "data_entries", spy)
+    torch.set_num_threads(2)
+    try:
+        par = explain(traj, test, **kw)
+    finally:
+        torch.set_num_threads(1)
+    assert any(n.startswith("explaind-data") for n in threads)
+    assert_close_scaled(par.values, seq.values, 1e-12)
+    assert par.completeness.ok and seq.completeness.ok
+
+
+def test_data_worker_error_reaches_the_caller(gelu_run, monkeypatch):
+    import threading
+
+    import explaind_tl.engine.seen as seen
+
+    traj, test = gelu_run
+
+    def broken(*a, **k):
+        raise RuntimeError("data worker failed")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(seen, "data_entries", broken)
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="data worker failed"):
+            explain(traj, test, by=("train",), dtype=torch.float64, progress=False)
+    finally:
+        torch.set_num_threads(1)
+    assert not any(t.name.startswith("explaind-data") for t in threading.enumerate())

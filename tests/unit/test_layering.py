@@ -6,8 +6,8 @@ still a circle). The layers, bottom to top:
 
 0. ``_version``, ``errors``, ``axes`` and the subpackages' ``__init__`` (which import nothing
    of ours: importing ``explaind_tl.run.storage`` must not load the recorder);
-1. foundations: ``certificate``, ``attribution``, ``optim``, ``quadrature``, ``metrics``,
-   ``losses``;
+1. foundations: ``certificate``, ``attribution``, ``optim``, ``quadrature``, ``contraction``,
+   ``metrics``, ``losses``;
 2. the store: ``run.storage``, ``run.format``, and reading it safely: ``run.trust`` (stored
    import paths), ``run.validate`` (the manifest), ``run.checks`` (data files), ``run.codec``
    (pickle-free encodings);
@@ -36,7 +36,7 @@ LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("explaind_tl._version", "explaind_tl.errors", "explaind_tl.axes",
          "explaind_tl.run", "explaind_tl.engine")),
     (1, ("explaind_tl.certificate", "explaind_tl.attribution", "explaind_tl.optim",
-         "explaind_tl.quadrature", "explaind_tl.metrics", "explaind_tl.losses")),
+         "explaind_tl.quadrature", "explaind_tl.contraction", "explaind_tl.metrics", "explaind_tl.losses")),
     (2, ("explaind_tl.run.storage", "explaind_tl.run.format", "explaind_tl.run.trust",
          "explaind_tl.run.validate", "explaind_tl.run.checks", "explaind_tl.run.codec")),
     (3, ("explaind_tl.model", "explaind_tl.model.*")),

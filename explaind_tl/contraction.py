@@ -1,0 +1,168 @@
+"""Per-component contractions of ``[rows, P]`` feature maps, without ``[rows, P]`` temporaries.
+
+The engine's large state is a handful of ``[rows, P]`` matrices (the feature map ``φ̂_s`` and
+the adjoint ``Ã_s``, docs/design.md §4) kept in the working dtype. Everything it books is a
+contraction of one of them with a flat vector or with a block of per-example gradients,
+restricted to each component. :class:`Blocks` describes the component partition as contiguous
+column blocks (after a permutation when the components interleave, e.g. MLP neurons), so that
+
+* ``Blocks.dots(M, V)``: ``Σ_{p ∈ c} M[r, p] V[p, k]`` for every component ``c``, in float64
+  (each block converted once, in row chunks of a few MB; float64 ``M`` is read as it is), and
+* ``Blocks.gram(M, G)``: ``Σ_{p ∈ c} M[r, p] G[b, p]``, one GEMM per block in ``M``'s dtype,
+
+are GEMVs and GEMMs on views, never products materialised as ``[rows, P]`` (the old
+``reduce(phi * v)`` allocated one per call: 45 MB per vector per step on the issue-#10 workload).
+Pure functions of tensors; the engine keeps its matrices in the sorted order for a whole sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+# bytes of float64 a block is converted in at a time (rows chunked to stay near the cache)
+CHUNK_BYTES = 4 << 20
+# with more contiguous runs than this per component the columns are permuted into blocks
+MAX_RUNS_PER_COMPONENT = 8
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The component partition of ``P`` flat coordinates as contiguous column blocks.
+
+    Attributes:
+        perm: ``None`` when the runs of the layout order are used as they are, else the
+            permutation ``[P]`` (sorted order -> layout order) that makes components contiguous.
+        starts, ends, comps: the blocks in the (sorted) order: columns ``starts[j]:ends[j]``
+            belong to component ``comps[j]``.
+        n_comp: number of components ``C``.
+    """
+
+    perm: Tensor | None
+    inverse: Tensor | None
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+    comps: tuple[int, ...]
+    n_comp: int
+
+    @staticmethod
+    def from_index(flat_index: Int[Tensor, "param"] | None, numel: int, n_comp: int = 1) -> Blocks:
+        """Blocks of a flat component index (``None``: one component over all ``numel`` coordinates).
+
+        The layout order is kept when its runs of equal component are few (heads, parameters,
+        blocks: a few runs per component); otherwise (neurons: one run per coordinate of
+        ``W_in``) the columns are sorted by component, stably.
+        """
+        if flat_index is None:
+            return Blocks(None, None, (0,), (numel,), (0,), 1)
+        idx = flat_index.detach().cpu().long()
+        if idx.numel() != numel:
+            raise ValueError(f"component index has {idx.numel()} entries, expected {numel}")
+        change = torch.nonzero(idx[1:] != idx[:-1]).reshape(-1) + 1
+        n_runs = int(change.numel()) + 1
+        perm = inverse = None
+        if n_runs > MAX_RUNS_PER_COMPONENT * max(n_comp, 1):
+            perm = torch.argsort(idx, stable=True)
+            inverse = torch.argsort(perm)
+            idx = idx[perm]
+            change = torch.nonzero(idx[1:] != idx[:-1]).reshape(-1) + 1
+        bounds = [0, *change.tolist(), numel]
+        starts, ends = tuple(bounds[:-1]), tuple(bounds[1:])
+        comps = tuple(int(idx[s]) for s in starts)
+        dev = flat_index.device
+        return Blocks(
+            None if perm is None else perm.to(dev), None if inverse is None else inverse.to(dev),
+            starts, ends, comps, n_comp,
+        )
+
+    # ------------------------------------------------------------------ order
+    def sort(self, v: Float[Tensor, "... param"]) -> Float[Tensor, "... param"]:
+        """``v`` (layout order, last axis) in the blocks' order (``v`` itself without a permutation)."""
+        if self.perm is None:
+            return v
+        return v.index_select(-1, self.perm.to(v.device))
+
+    def sort_into(self, v: Float[Tensor, "row param"], out: Float[Tensor, "row param"]) -> Tensor:
+        """:meth:`sort` of a matrix into a preallocated ``out`` (``v`` itself without a permutation)."""
+        if self.perm is None:
+            return v
+        return torch.index_select(v, 1, self.perm.to(v.device), out=out)
+
+    def unsort(self, v: Float[Tensor, "... param"]) -> Float[Tensor, "... param"]:
+        """Back to the layout order (inverse of :meth:`sort`)."""
+        if self.inverse is None:
+            return v
+        return v.index_select(-1, self.inverse.to(v.device))
+
+    # ------------------------------------------------------------- contractions
+    def dots(self, M: Float[Tensor, "row param"], V: Float[Tensor, "param k"]) -> Float[Tensor, "row component k"]:
+        """``out[r, c, k] = Σ_{p ∈ c} M[r, p] V[p, k]`` in float64 (both in the blocks' order).
+
+        ``M`` may be float32: each block is copied into one float64 buffer of about
+        :data:`CHUNK_BYTES`, a row chunk at a time, and contracted there (one GEMV per vector:
+        BLAS GEMMs with a handful of columns are several times slower), so the sums carry no
+        float32 rounding beyond ``M``'s own entries and no ``[rows, P]`` temporary is made.
+        """
+        R, K = M.shape[0], V.shape[1]
+        V = V.to(M.device, torch.float64)
+        cols = [V[:, k].contiguous() for k in range(K)]
+        out = torch.zeros(K, self.n_comp, R, dtype=torch.float64, device=M.device)
+        buf = None
+        for s, e, c in zip(self.starts, self.ends, self.comps):
+            if M.dtype == torch.float64:
+                for k in range(K):
+                    out[k, c] += M[:, s:e] @ cols[k][s:e]
+                continue
+            rows = max(1, min(R, CHUNK_BYTES // (8 * max(e - s, 1))))
+            if buf is None or buf.numel() < rows * (e - s):
+                buf = torch.empty(rows * (e - s), dtype=torch.float64, device=M.device)
+            for r0 in range(0, R, rows):
+                m = M[r0 : r0 + rows, s:e]
+                chunk = buf[: m.numel()].view(m.shape).copy_(m)
+                for k in range(K):
+                    out[k, c, r0 : r0 + rows] += chunk @ cols[k][s:e]
+        return out.permute(2, 1, 0)
+
+    def gram(self, M: Float[Tensor, "row param"], G: Float[Tensor, "batch param"]) -> Float[Tensor, "row component batch"]:
+        """``out[r, c, b] = Σ_{p ∈ c} M[r, p] G[b, p]`` (blocks' order), one GEMM per block in
+        ``M``'s dtype, returned in float64."""
+        R, B = M.shape[0], G.shape[0]
+        G = G.to(M.device, M.dtype)
+        if len(self.starts) == 1:
+            return (M @ G.T).to(torch.float64)[:, None, :]
+        out = torch.zeros(R, self.n_comp, B, dtype=M.dtype, device=M.device)
+        for s, e, c in zip(self.starts, self.ends, self.comps):
+            out[:, c].addmm_(M[:, s:e], G[:, s:e].T)
+        return out.to(torch.float64)
+
+    def restrict(self, V: Float[Tensor, "vector param"]) -> Float[Tensor, "tangent param"]:
+        """Each row of ``V`` (blocks' order) restricted to each component, ``[X * C, P]``
+        (vector-major), in the blocks' order."""
+        X, P = V.shape
+        out = torch.zeros(X, self.n_comp, P, dtype=V.dtype, device=V.device)
+        for s, e, c in zip(self.starts, self.ends, self.comps):
+            out[:, c, s:e] = V[:, s:e]
+        return out.reshape(X * self.n_comp, P)
+
+
+def dot_and_magnitude(M: Float[Tensor, "row param"], v: Float[Tensor, "param"]) -> tuple[Float[Tensor, "row"], Float[Tensor, "row"]]:
+    """``(M @ v, |M| @ |v|)`` in float64 (the certificate's attributed change ``<φ̂, Δ>`` and its
+    rounding scale ``Σ_p |φ̂_p Δ_p|``), ``M`` copied into a float64 buffer of about
+    :data:`CHUNK_BYTES` a row chunk at a time."""
+    R, P = M.shape
+    v = v.to(M.device, torch.float64)
+    va = v.abs()
+    att = torch.empty(R, dtype=torch.float64, device=M.device)
+    mag = torch.empty(R, dtype=torch.float64, device=M.device)
+    rows = max(1, min(R, CHUNK_BYTES // (8 * max(P, 1))))
+    buf = torch.empty(rows, P, dtype=torch.float64, device=M.device)
+    for r0 in range(0, R, rows):
+        m = M[r0 : r0 + rows]
+        chunk = buf[: m.shape[0]]
+        chunk.copy_(m)
+        torch.mv(chunk, v, out=att[r0 : r0 + rows])
+        torch.mv(chunk.abs_(), va, out=mag[r0 : r0 + rows])
+    return att, mag
