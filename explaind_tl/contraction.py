@@ -138,15 +138,6 @@ class Blocks:
             out[:, c].addmm_(M[:, s:e], G[:, s:e].T)
         return out.to(torch.float64)
 
-    def restrict(self, V: Float[Tensor, "vector param"]) -> Float[Tensor, "tangent param"]:
-        """Each row of ``V`` (blocks' order) restricted to each component, ``[X * C, P]``
-        (vector-major), in the blocks' order."""
-        X, P = V.shape
-        out = torch.zeros(X, self.n_comp, P, dtype=V.dtype, device=V.device)
-        for s, e, c in zip(self.starts, self.ends, self.comps):
-            out[:, c, s:e] = V[:, s:e]
-        return out.reshape(X * self.n_comp, P)
-
 
 def dot_and_magnitude(M: Float[Tensor, "row param"], v: Float[Tensor, "param"]) -> tuple[Float[Tensor, "row"], Float[Tensor, "row"]]:
     """``(M @ v, |M| @ |v|)`` in float64 (the certificate's attributed change ``<φ̂, Δ>`` and its

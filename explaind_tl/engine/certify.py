@@ -182,10 +182,23 @@ class Certifier:
         n_rows = (len(idx) if plan.resolve_query else 1) * plan.rows_per_query
         width = self.ctx.layout.numel if tangents is None else next(iter(tangents.values())).shape[0]
         if out is not None and tangents is None:
-            phi = out.zero_()
+            phi = out if plan.resolve_query else out.zero_()  # per-query rows: every row is written
         else:
             phi = torch.zeros(n_rows, width, dtype=torch.float64, device=self.ctx.device)
         o = plan.rows_per_query
+        if tangents is None and plan.resolve_query:
+            # one Jacobian of the node-weighted metric per row: the node sum happens in the backward
+            g = self.ctx.qf.per_query_quadrature(w, delta, t_nodes.tolist(), weights.to(self.ctx.device), sub, plan.resolve_output)
+            # each query's leading row written in place, then the extra pieces of kinked queries
+            # added row by row (index_add_ into the strided view costs a full pass)
+            grid = phi.view(len(idx), o, phi.shape[1])
+            extra = list(zip(range(n_lead, len(rows_q)), pos[n_lead:].tolist()))
+            for name, sl in self.ctx.layout.slices.items():
+                gn, view = g[name], grid[:, :, sl].unflatten(2, self.ctx.layout_shapes[name])
+                view.copy_(gn[:n_lead])
+                for r, q_at in extra:
+                    view[q_at].add_(gn[r])
+            return phi
         for j, tj in enumerate(t_nodes.tolist()):
             p = {k: w[k] + tj * delta[k] for k in self.ctx.names}
             wj = weights[:, j]
@@ -195,19 +208,6 @@ class Certifier:
                 per_q = torch.zeros(d.shape[0], len(idx), o, dtype=torch.float64, device=self.ctx.device)
                 per_q.index_add_(1, pos.to(self.ctx.device), d)
                 phi += per_q.reshape(d.shape[0], -1).T
-            elif plan.resolve_query:
-                g = self.ctx.qf.per_query_grad(p, sub, plan.resolve_output)  # [rows, O', *shape]
-                # the weighted pieces of each query summed into its rows in the working dtype, in
-                # place: the [pieces, O', P] block is read once and never copied to float64
-                grid = phi.view(len(idx), o, phi.shape[1])
-                wr = wj.to(self.ctx.device, self.ctx.dtype)
-                # extra pieces row by row (index_add_ into the strided view costs a full pass)
-                extra = list(zip(range(n_lead, len(rows_q)), pos[n_lead:].tolist(), wj[n_lead:].tolist()))
-                for name, sl in self.ctx.layout.slices.items():
-                    gn, view = g[name], grid[:, :, sl].unflatten(2, self.ctx.layout_shapes[name])
-                    view.addcmul_(gn[:n_lead], wr[:n_lead].reshape(-1, *([1] * (gn.ndim - 1))))
-                    for r, q_at, w_r in extra:
-                        view[q_at].add_(gn[r], alpha=w_r)
             else:
                 rw = (plan.weights[rows_q] * wj).to(self.ctx.device)
                 g = self.ctx.qf.aggregate_grad(p, sub, rw, plan.resolve_output)  # [O', *]

@@ -356,6 +356,32 @@ class QueryFunction:
 
         return vmap(jacrev(f), in_dims=(None, 0))(params, batch)
 
+    def per_query_quadrature(
+        self,
+        params: Params,
+        delta: Params,
+        t_nodes: list[float],
+        weights: Float[Tensor, "query node"],
+        batch: dict[str, Tensor],
+        resolve_outputs: bool,
+    ) -> dict[str, Tensor]:
+        """``Σ_j weights[i, j] ∇q_i(params + t_j delta)`` per query, ``[Q, R, *shape]``.
+
+        One ``vmap(jacrev)`` of ``p ↦ Σ_j w_j q_i(p + t_j Δ)`` at ``p = params``: its gradient is
+        the weighted sum of the node gradients, so the node sum happens inside the backward and
+        only one ``[Q, R, P]`` block is made (not one per node, then summed).
+        """
+
+        def f(p: Params, example: dict[str, Tensor], w: Tensor) -> Tensor:
+            one = _unsqueeze(example)
+            total = None
+            for j, t in enumerate(t_nodes):
+                v = self._values({k: p[k] + t * delta[k] for k in p}, one)[0] * w[j]
+                total = v if total is None else total + v
+            return total if resolve_outputs else total.sum().reshape(1)
+
+        return vmap(jacrev(f), in_dims=(None, 0, 0))(params, batch, weights.to(self.dtype))
+
 
 def _compare_readout(readout: Readout, reference: nn.Module, tokens: Tensor, params: Params | None, tol: float,
                      strict: bool, what: str) -> float:
