@@ -17,7 +17,8 @@ for ``explain(traj, queries, metric="logits", by=("query", "output", "train"))``
   and the reference's measure, the mean over queries of ``‖residual_q‖ / ‖measured_q‖`` over
   the outputs;
 * **peak RSS** of a fresh process that loads the run and explains it (``VmHWM``: imports,
-  model and run included, what ``ru_maxrss`` of the reference's own script reports).
+  model and run included, what ``ru_maxrss`` of the reference's own script reports), and of
+  one that only imports and loads (so explain's own share can be read off).
 
 With ``--scaling``, the same for queries x outputs doubling (10, 20, 40 queries) and the
 training set doubling (75, 150, 300 examples), so the cost can be read as linear or not.
@@ -100,6 +101,10 @@ def child(run_dir: str, case: str, n_queries: int) -> None:
 
     traj = Trajectory.load(run_dir)
     queries = {k: v[:n_queries] for k, v in torch.load(Path(run_dir) / "bench_queries.pt", weights_only=True).items()}
+    if case == "baseline":  # imports, run and model loaded, nothing explained
+        traj.model()
+        print(json.dumps({"peak_kb": _status_kb("VmHWM")}))
+        return
     t0 = time.perf_counter()
     attr = explain(traj, queries, progress=False, **CASES[case])
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_kb": _status_kb("VmHWM"), **errors(attr, n_queries)}))
@@ -132,6 +137,9 @@ def run(args: argparse.Namespace) -> dict:
         torch.save({k: v for k, v in test.items()}, tmp / "run" / "bench_queries.pt")
         q = {k: v[:N_QUERIES] for k, v in test.items()}
         print(f"    training (recorder, 1 thread): {train_s:.2f} s for {STEPS} steps")
+        out["baseline_mb"] = peak_rss(tmp / "run", "baseline", N_QUERIES, 1)["peak_kb"] / 1024
+        print(f"    peak RSS of a process that imports, loads the run and builds the model, explaining nothing: "
+              f"{out['baseline_mb']:.0f} MB")
         for case in args.cases:
             for threads in args.thread_list:
                 row = time_case(traj, q, case, threads)

@@ -1,6 +1,6 @@
 """The ExPLAIND reference implementation on its own workload, for ``analyses/bench_kernel.py``.
 
-    python -m analyses.bench_reference [N_OUT]
+    python -m analyses.bench_reference [N_OUT [THREADS]]
 
 Not a dependency of explaind_tl and not run by any test: it needs the reference package
 (PyPI ``explaind`` 0.1.0, MIT). Its metadata asks for Python >= 3.12, but it runs unchanged on
@@ -18,7 +18,7 @@ one-layer model (d_model 32, 4 heads, d_mlp 128, ReLU, no LayerNorm, dropout 0),
 all outputs x every training example, 10 midpoints per step (``integral_eps=0.1``). Its own
 decoder has p+2 = 25 outputs; ``N_OUT=23`` swaps in a 23-logit decoder (the workload of
 ``bench_kernel``). Per-parameter kernels are kept (``keep_param_wise_kernel=False`` crashes in
-0.1.0 at step 0). Prints training and explain seconds (1 thread), their ratio, the relative
+0.1.0 at step 0). Prints training and explain seconds (1 thread, or ``THREADS`` BLAS threads), their ratio, the relative
 error of the predicted output change (mean over queries of ``‖pred Δ - actual Δ‖ / ‖actual Δ‖``)
 and the process's peak RSS.
 """
@@ -44,7 +44,9 @@ try:
 except ImportError:  # pragma: no cover - optional comparator
     sys.exit(__doc__)
 
-torch.set_num_threads(1)
+BASELINE_MB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after the imports
+THREADS = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+torch.set_num_threads(THREADS)
 device = "cpu"
 P, N_TRAIN, N_QUERY, STEPS = 23, 150, 20, 100
 D_MODEL, D_MLP, LR, WD, BETAS = 32, 128, 1e-3, 1.0, (0.9, 0.98)
@@ -140,4 +142,4 @@ print(f"rel_err global ||.||_F ratio = {rel_global:.4e};  ||actual delta||_F = {
 print(f"reference avg pred delta (mean |q_T - epk_pred|) = {ref_avg_delta:.4e}, max {ref_max_delta:.4e}")
 print(f"reference last-step step_mean_delta = {prev_eval['step_mean_delta'][-1]:.4e}, "
       f"final predictions_mean_delta = {prev_eval['predictions_mean_delta'][-1]:.4e}")
-print(f"peak RSS {rss_mb:.1f} MiB")
+print(f"peak RSS {rss_mb:.1f} MiB (after the imports: {BASELINE_MB:.1f} MiB)")

@@ -139,12 +139,14 @@ class QueryFunction:
         cert: bool = False,
         store: list[Tensor] | None = None,
         scale: list[Tensor] | None = None,
+        path: tuple[Params, Tensor] | None = None,
     ) -> Tensor:
         """Metric values ``[Q, O]``; ReLU pre-activations ``[Q, U]`` are appended to ``store``,
         each query's largest logit magnitude ``[Q]`` to ``scale``.
 
         ``cert=True`` evaluates in ``cert_dtype`` (the certificate), otherwise in the working
         dtype; either through the read-out forward when it is in use, else the model's own.
+        ``path=(delta, t)`` (read-out forward only): row ``i`` at ``params + t[i] * delta``.
         """
         batch = dict(batch)
         kmask, kval = batch.pop(KINK_MASK, None), batch.pop(KINK_ON, None)
@@ -152,10 +154,12 @@ class QueryFunction:
         readout = self.cert_readout if cert else self.readout
         if readout is not None:
             force = (kmask, kval) if kmask is not None else None
-            logits, z = readout.logits(params, model_input(batch), force, preacts=store is not None)
+            logits, z = readout.logits(params, model_input(batch), force, preacts=store is not None, path=path)
             if store is not None:
                 store.append(z)
         else:
+            if path is not None:
+                raise ValueError("path= needs the read-out forward")
             x = model_input(batch)
             if x.is_floating_point():
                 x = x.to(next(iter(params.values())).dtype)
@@ -369,8 +373,23 @@ class QueryFunction:
 
         One ``vmap(jacrev)`` of ``p ↦ Σ_j w_j q_i(p + t_j Δ)`` at ``p = params``: its gradient is
         the weighted sum of the node gradients, so the node sum happens inside the backward and
-        only one ``[Q, R, P]`` block is made (not one per node, then summed).
+        only one ``[Q, R, P]`` block is made (not one per node, then summed). With the read-out
+        forward, a query's nodes are rows of one batch evaluated along the path
+        (:meth:`Readout.logits` ``path=``), so each weight matrix's gradient is one product over
+        nodes and positions: no per-node ``[Q, R, P]`` block at all.
         """
+        n = len(t_nodes)
+        if self.readout is not None and n > 1:
+            t = torch.tensor(t_nodes, dtype=self.dtype, device=self.device)
+            d = {k: v.to(self.dtype) for k, v in delta.items()}
+
+            def f_path(p: Params, example: dict[str, Tensor], w: Tensor) -> Tensor:
+                nodes = {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in example.items()}
+                v = self._values(p, nodes, path=(d, t))  # [n, O]
+                total = (v * w[:, None]).sum(0)
+                return total if resolve_outputs else total.sum().reshape(1)
+
+            return vmap(jacrev(f_path), in_dims=(None, 0, 0))(params, batch, weights.to(self.dtype))
 
         def f(p: Params, example: dict[str, Tensor], w: Tensor) -> Tensor:
             one = _unsqueeze(example)

@@ -90,16 +90,16 @@ class Readout:
         self.relu = (not self.cfg.attn_only) and str(self.cfg.act_fn).lower() == "relu"
 
     # ----------------------------------------------------------------- pieces
-    def _norm(self, p: Params, name: str, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
+    def _norm(self, p: _Path, name: str, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
         kind = self.cfg.normalization_type
         if kind is None:
             return x
         x = x - x.mean(-1, keepdim=True)
         x = x / (x.pow(2).mean(-1, keepdim=True) + self.cfg.eps).sqrt()
-        return x * p[f"{name}.w"] + p[f"{name}.b"] if kind == "LN" else x
+        return p.add(p.mul(x, f"{name}.w"), f"{name}.b") if kind == "LN" else x
 
     def _attention(
-        self, p: Params, layer: int, x: Float[Tensor, "row pos d_model"], last: bool, tok: Tensor | None = None
+        self, p: _Path, layer: int, x: Float[Tensor, "row pos d_model"], last: bool, tok: Tensor | None = None
     ) -> Float[Tensor, "batch qpos d_model"]:
         """Attention output at the kept query positions.
 
@@ -113,27 +113,27 @@ class Readout:
         def rows(t: Tensor) -> Tensor:
             return t if tok is None else t[tok, torch.arange(tok.shape[1], device=tok.device)]
 
-        k = rows(_project(x, p[a + "W_K"], p[a + "b_K"]))
-        v = rows(_project(x, p[a + "W_V"], p[a + "b_V"]))
+        k = rows(_project(x, p, a + "W_K", a + "b_K"))
+        v = rows(_project(x, p, a + "W_V", a + "b_V"))
         if last:  # one query (the read-out position), which sees every kept key
-            q = _project(x[:, -1], p[a + "W_Q"], p[a + "b_Q"])  # [batch, head, d_head]
+            q = _project(x[:, -1], p, a + "W_Q", a + "b_Q")  # [batch, head, d_head]
             q = q if tok is None else q[tok[:, -1]]
             scores = (q[:, None] * k).sum(-1) / self.attn_scale[layer]  # [batch, kpos, head]
             z = (scores.softmax(1)[..., None] * v).sum(1)[:, None]  # [batch, 1, head, d_head]
         else:
-            q = rows(_project(x, p[a + "W_Q"], p[a + "b_Q"]))
+            q = rows(_project(x, p, a + "W_Q", a + "b_Q"))
             scores = einops.einsum(q, k, "batch qpos head d_head, batch kpos head d_head -> batch head qpos kpos")
             scores = scores / self.attn_scale[layer]
             n = k.shape[1]
             causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             scores = torch.where(causal, scores, torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))
             z = einops.einsum(scores.softmax(-1), v, "batch head qpos kpos, batch kpos head d_head -> batch qpos head d_head")
-        w_o = einops.rearrange(p[a + "W_O"], "head d_head d_model -> (head d_head) d_model")
-        return einops.rearrange(z, "batch qpos head d_head -> batch qpos (head d_head)") @ w_o + p[a + "b_O"]
+        z = einops.rearrange(z, "batch qpos head d_head -> batch qpos (head d_head)")
+        return p.add(p.mm(z, a + "W_O", "head d_head d_model -> (head d_head) d_model"), a + "b_O")
 
     def _mlp(
         self,
-        p: Params,
+        p: _Path,
         layer: int,
         x: Float[Tensor, "batch qpos d_model"],
         slot: tuple[int, int],
@@ -141,7 +141,7 @@ class Readout:
         store: list | None,
     ) -> Float[Tensor, "batch qpos d_model"]:
         m = f"blocks.{layer}.mlp."
-        pre = x @ p[m + "W_in"] + p[m + "b_in"]
+        pre = p.add(p.mm(x, m + "W_in"), m + "b_in")
         if store is not None:
             store.append((slot, pre.detach()))
         if force is not None and self.relu:
@@ -153,7 +153,7 @@ class Readout:
             post = torch.where(mask, torch.where(on, pre, torch.zeros_like(pre)), pre.relu())
         else:
             post = self.act_fn(pre)
-        return post @ p[m + "W_out"] + p[m + "b_out"]
+        return p.add(p.mm(post, m + "W_out"), m + "b_out")
 
     # ---------------------------------------------------------------- forward
     def logits(
@@ -162,6 +162,7 @@ class Readout:
         tokens: Int[Tensor, "batch pos"],
         force: tuple[Bool[Tensor, "batch unit"], Bool[Tensor, "batch unit"]] | None = None,
         preacts: bool = False,
+        path: tuple[Params, Float[Tensor, "batch"]] | None = None,
     ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch unit"] | None]:
         """Logits at the read-out position and, optionally, the MLP pre-activations.
 
@@ -170,20 +171,23 @@ class Readout:
             tokens: ``[batch, pos]`` token ids.
             force: ``(mask, on)`` over the flattened unit layout: forced ReLU states.
             preacts: also return the pre-activations ``[batch, n_layers * pos * d_mlp]``.
+            path: ``(delta, t)``: batch row ``b`` is evaluated at ``params + t[b] * delta``
+                (``delta`` over some trainable parameters), with every weight matrix in one
+                product over the batch (:class:`_Path`).
 
         Returns:
             ``(logits [batch, d_vocab_out], preacts or None)``.
         """
         cfg = self.cfg
-        p = {**self.base, **params}
+        p = _Path({**self.base, **params}, *(path or (None, None)))
         n_pos = tokens.shape[1]
         pos = self.position % n_pos
         tok = tokens[:, : pos + 1]
         # layer-0 attention from the (token, position) table when it is smaller than the batch;
         # then a one-layer model reads the embedded residual at the read-out position only
-        table = p["embed.W_E"].shape[0] * tok.shape[1] <= tok.numel()
+        table = p.delta is None and p["embed.W_E"].shape[0] * tok.shape[1] <= tok.numel()
         resid_tok = tok[:, -1:] if table and cfg.n_layers == 1 else tok
-        x = p["embed.W_E"][resid_tok] + p["pos_embed.W_pos"][pos + 1 - resid_tok.shape[1] : pos + 1]
+        x = p.rows("embed.W_E", resid_tok) + p.rows("pos_embed.W_pos", slice(pos + 1 - resid_tok.shape[1], pos + 1))
         store: list | None = [] if preacts else None
         per_layer = n_pos * cfg.d_mlp
         for layer in range(cfg.n_layers):
@@ -198,7 +202,7 @@ class Readout:
                 slot = (layer * per_layer, pos if last else 0)
                 x = x + self._mlp(p, layer, self._norm(p, f"blocks.{layer}.ln2", x), slot, force, store)
         x = self._norm(p, "ln_final", x)[:, -1]
-        logits = x @ p["unembed.W_U"] + p["unembed.b_U"]
+        logits = p.add(p.mm(x, "unembed.W_U"), "unembed.b_U")
         if not preacts:
             return logits, None
         z = torch.zeros(tokens.shape[0], cfg.n_layers * per_layer, dtype=logits.dtype, device=logits.device)
@@ -249,13 +253,63 @@ class Readout:
         return err
 
 
-def _project(
-    x: Float[Tensor, "... d_model"], w: Float[Tensor, "head d_model d_head"], b: Float[Tensor, "head d_head"]
-) -> Float[Tensor, "... head d_head"]:
+class _Path:
+    """Parameters ``w + t_b Δ`` per batch row ``b``, applied linearly (``x @ W + t_b (x @ ΔW)``).
+
+    Written this way, every weight matrix enters one matrix product over all rows of the batch
+    (whatever their ``t``), so the backward's gradient for it is one product too, not one per
+    distinct ``t`` summed afterwards: :meth:`QueryFunction.per_query_quadrature` stacks the
+    quadrature nodes of a query as batch rows and gets the node sum of its gradients from one
+    block. ``delta`` is ``None`` for the plain forward at ``w``.
+    """
+
+    def __init__(self, p: Params, delta: Params | None = None, t: Float[Tensor, "batch"] | None = None) -> None:
+        self.p, self.delta, self.t = p, delta, t
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.p[name]
+
+    def d(self, name: str) -> Tensor | None:
+        return None if self.delta is None else self.delta.get(name)
+
+    def _t(self, like: Tensor) -> Tensor:
+        return self.t.view(-1, *([1] * (like.dim() - 1)))
+
+    def mm(self, x: Tensor, name: str, pattern: str | None = None) -> Tensor:
+        """``x @ W`` (``W`` rearranged by the einops ``pattern`` first, when given)."""
+        w, dw = self.p[name], self.d(name)
+        if pattern is not None:
+            w = einops.rearrange(w, pattern)
+        y = x @ w
+        if dw is None:
+            return y
+        if pattern is not None:
+            dw = einops.rearrange(dw, pattern)
+        return y + self._t(y) * (x @ dw)
+
+    def add(self, y: Tensor, name: str) -> Tensor:
+        """``y + b``, ``b`` broadcast over ``y``'s leading axes (its first is the batch)."""
+        b, db = self.p[name], self.d(name)
+        y = y + b
+        return y if db is None else y + self._t(y) * db
+
+    def mul(self, y: Tensor, name: str) -> Tensor:
+        """``y * w`` elementwise (a LayerNorm scale)."""
+        w, dw = self.p[name], self.d(name)
+        return y * w if dw is None else y * w + self._t(y) * (y * dw)
+
+    def rows(self, name: str, index: Tensor | slice) -> Tensor:
+        """``W[index]`` (embedding rows), ``[batch, pos, d]`` on a path (``[batch, pos]`` token
+        ids, or a slice of positions)."""
+        w, dw = self.p[name], self.d(name)
+        y = w[index]
+        return y if dw is None else y + self.t.view(-1, 1, 1) * dw[index]
+
+
+def _project(x: Float[Tensor, "... d_model"], p: _Path, w: str, b: str) -> Float[Tensor, "... head d_head"]:
     """``x @ W + b`` for every head at once, as one matrix product."""
-    n_head, _, d_head = w.shape
-    flat = einops.rearrange(w, "head d_model d_head -> d_model (head d_head)")
-    return (x @ flat).unflatten(-1, (n_head, d_head)) + b
+    n_head, _, d_head = p[w].shape
+    return p.add(p.mm(x, w, "head d_model d_head -> d_model (head d_head)").unflatten(-1, (n_head, d_head)), b)
 
 
 def readout_units(cfg, n_pos: int, position: int) -> Bool[Tensor, "unit"]:

@@ -112,6 +112,41 @@ def test_preacts_and_forced_relus_match_hooks(position):
     assert_close_scaled(g_fast, g_slow, 1e-11)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("position", [-1, 1])
+def test_path_forward_and_node_stacked_quadrature(name, position):
+    """Rows at ``params + t_i delta`` (the linear path form) equal TransformerLens at those
+    parameters, and the node-stacked per-query quadrature equals the node-by-node one."""
+    model = randomised(CONFIGS[name])
+    tok = tokens_for(model, n=5)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(7)
+    delta = {k: 0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    t = torch.tensor([0.1, 0.9, 0.5, 0.0, 1.0], dtype=torch.float64)
+    ours, _ = Readout(model, position).logits(params, tok, path=(delta, t))
+    with torch.no_grad():
+        ref = torch.stack([
+            torch.func.functional_call(model, {k: params[k] + float(t[i]) * delta[k] for k in params}, (tok[i : i + 1],))[0, position]
+            for i in range(len(tok))
+        ])
+    assert_close_scaled(ours, ref, 1e-12)
+    assert float((ours - Readout(model, position).logits(params, tok)[0]).abs().max()) > 1e-3  # the path matters
+
+    metric, _ = resolve_metric("logits", position)
+    fast = QueryFunction(model, list(params), metric, dtype=torch.float64, position=position)
+    slow = QueryFunction(model, list(params), metric, dtype=torch.float64)
+    nodes = [0.2, 0.5, 0.8]
+    weights = torch.rand(len(tok), len(nodes), generator=g, dtype=torch.float64)
+    batch = {"tokens": tok}
+    if fast.has_kinks:  # forced ReLU states travel with their query's stacked nodes
+        _, z = fast.values_and_preacts(params, batch, cert=False)
+        keep = readout_units(model.cfg, tok.shape[1], position)
+        batch = {**batch, KINK_MASK: (torch.rand(z.shape, generator=g) < 0.3) & keep, KINK_ON: torch.rand(z.shape, generator=g) < 0.5}
+    q_fast = fast.per_query_quadrature(params, delta, nodes, weights, batch, True)
+    q_slow = slow.per_query_quadrature(params, delta, nodes, weights, batch, True)
+    assert_close_scaled(q_fast, q_slow, 1e-11)
+
+
 def test_unsupported_models_fall_back():
     assert "positional_embedding_type" in unsupported_reason(tiny_model(positional_embedding_type="rotary", rotary_dim=4))
     assert unsupported_reason(tiny_model(gated_mlp=True)) is not None
