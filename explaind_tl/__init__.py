@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time every name 
     from explaind_tl.engine.options import ExplainOptions as ExplainOptions
     from explaind_tl.errors import CertificateError as CertificateError
     from explaind_tl.errors import CertificateWarning as CertificateWarning
+    from explaind_tl.errors import ExplainWorkerError as ExplainWorkerError
     from explaind_tl.errors import QueryError as QueryError
     from explaind_tl.errors import RecordingError as RecordingError
     from explaind_tl.errors import StorageError as StorageError
@@ -63,6 +64,7 @@ _LAZY = {
     "QueryError": "explaind_tl.errors",
     "CertificateWarning": "explaind_tl.errors",
     "CertificateError": "explaind_tl.errors",
+    "ExplainWorkerError": "explaind_tl.errors",
     "explain": "explaind_tl.engine.api",
     "ExplainOptions": "explaind_tl.engine.options",
     "Attribution": "explaind_tl.attribution",

@@ -52,6 +52,11 @@ class CertificateError(ExplaindError, ArithmeticError):
         self.attribution = attribution
 
 
+class ExplainWorkerError(ExplaindError, RuntimeError):
+    """A worker process of ``explain(..., world_size=N)`` died or raised (its rank and its step or
+    query range are in the message)."""
+
+
 class StorageError(TrajectoryError, OSError):
     """Writing a run directory failed (disk full, permission denied, ...).
 

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from explaind_tl.engine.assemble import finish
+from explaind_tl.engine import distributed
+from explaind_tl.engine.assemble import finish, sweep_facts
 from explaind_tl.engine.certify import Certifier
 from explaind_tl.engine.options import QUERY_GRADS, UNSET, ExplainOptions
 from explaind_tl.engine.plan import default_query_chunk, make_plan, normalize_queries, probe_outputs
@@ -77,6 +79,10 @@ def explain(
     *,
     options: ExplainOptions | None = None,
     trust_remote_code: bool = False,
+    world_size: int | None = None,
+    split: str = "auto",
+    gather: str = "all",
+    threads_per_worker: int | None = None,
 ):
     """Rewrite the trained model's output change exactly as a sum over steps, components, examples.
 
@@ -126,6 +132,7 @@ def explain(
             chunk of per-example gradients.
         progress: show tqdm progress bars.
         resume_dir: persist partial sums after every checkpoint segment and continue from them
+            (with several processes, one subdirectory ``shard-R-of-N`` per shard)
             (``explain_state.safetensors``: safetensors + JSON, no pickle; an old
             ``explain_state.pt`` is refused, see ``python -m explaind_tl.run.migrate``).
         trust_remote_code: with ``trajectory`` given as a path: passed to
@@ -155,6 +162,20 @@ def explain(
             ``query_chunk``, ``train_chunk``) as one
             :class:`~explaind_tl.engine.options.ExplainOptions`; any of those keywords given as
             well replaces its field. Defaults: ``ExplainOptions()``, i.e. the values listed here.
+        world_size: split the work over this many processes (``torch.distributed``, gloo): with
+            no process group initialised, ``world_size`` worker processes are started on this
+            machine (the trajectory must be in a run directory; ``metric`` and ``components``
+            must be picklable); under ``torchrun`` (a default group already initialised) the
+            group's ranks share the work and ``world_size`` may be left unset. ``1``: this
+            process only, even inside a group. The result is the same ``Attribution`` (float64:
+            equal to one process's to rounding, ~1e-15 relative), certificate merged.
+        split: ``"steps"`` (each rank a contiguous range of the window; realized clock without a
+            source axis), ``"queries"`` (each rank a slice of the queries, the whole window), or
+            ``"auto"``: steps where allowed, else queries (docs/design.md §7).
+        gather: under a process group, ``"all"`` returns the result on every rank, ``"rank0"``
+            on rank 0 only (``None`` elsewhere).
+        threads_per_worker: CPU threads of each started worker (default: this process's
+            threads divided by ``world_size``, at least 1).
 
     Returns:
         :class:`explaind_tl.Attribution` with ``values`` ``[*dims]`` (``"component"`` first when
@@ -165,6 +186,8 @@ def explain(
 
     Raises:
         TypeError, ValueError, QueryError: a bad argument (before any work).
+        ExplainWorkerError: a worker process died or raised (its rank and shard are named); with
+            ``resume_dir``, a rerun with the same ``world_size`` continues from the finished shards.
         TrajectoryError: ``trajectory`` is a path that is not a valid run directory.
         CertificateError: ``strict=True`` and some step (or the total) missed its bound.
 
@@ -184,7 +207,68 @@ def explain(
         query_chunk=query_chunk, train_chunk=train_chunk,
     )
     check_flag("trust_remote_code", trust_remote_code)
+    world_size, threads = distributed.check_arguments(world_size, split, gather, threads_per_worker)
+    group = distributed.current_group(world_size)
+    if (world_size or 1) > 1 and group is None:
+        distributed.check_picklable("metric", metric)
+        distributed.check_picklable("components", components)
     trajectory = as_trajectory(trajectory, trust_remote_code)
+    job = prepare(trajectory, queries, metric, by, components, reduce, steps, step_bins, position, opts, device)
+    plan, opts = job.plan, job.options  # opts now with the resolved dtype and query_chunk
+
+    # ------------------------------------------------ sweep: here, on worker processes, or over a group
+    world = group[1] if group is not None else (world_size or 1)
+    if world == 1:
+        part = run_shard(job, None, progress, resume_dir)
+    else:
+        kind = distributed.choose_split(plan.clock, plan.by, split)
+        if kind == "queries":
+            opts = job.options = opts.replace(query_chunk=distributed.shard_chunk(plan.n_query, opts.query_chunk, world))
+        shards = distributed.plan_shards(
+            kind, world, plan.window, plan.n_query, list(trajectory.checkpoint_steps), query_chunk=job.options.query_chunk
+        )
+        if group is not None:
+            rank = group[0]
+            part = distributed.in_group(
+                lambda sh: run_shard(job, sh, progress and rank == 0, resume_dir), shards, rank, gather, plan.resolve_query
+            )
+            if part is None:  # gather="rank0" on another rank
+                return None
+        else:
+            if trajectory.run_dir is None:
+                raise ValueError("world_size > 1 needs a trajectory saved in a run directory (workers load it from there)")
+            job_args = dict(
+                run_dir=str(trajectory.run_dir), trust_remote_code=trust_remote_code, queries=job.batch, metric=metric,
+                by=by, components=components, reduce=reduce, steps=steps, step_bins=step_bins, position=position,
+                options=opts, device=str(job.device), progress=progress, resume_dir=resume_dir,
+            )
+            part = distributed.spawn(run_job_shard, job_args, shards, threads, plan.resolve_query)
+        part["facts"].update(world_size=world, split=kind)
+
+    # ------------------------------------------------ assemble
+    return finish(
+        plan, trajectory, part["facts"], part["cert"], part["acc"], opts, job.metric_fn, metric, reduce, t_start, strict
+    )
+
+
+@dataclass
+class Job:
+    """An explain call after validation and planning: what every shard of it shares."""
+
+    trajectory: Any
+    batch: dict[str, torch.Tensor]
+    metric_fn: Callable
+    plan: Any
+    cmap: Any
+    options: ExplainOptions
+    device: torch.device
+    position: int | None
+    directional: bool
+    config: dict
+
+
+def prepare(trajectory, queries, metric, by, components, reduce, steps, step_bins, position, opts, device) -> Job:
+    """Build the model, normalise the queries, plan the rows and resolve the defaults."""
     T = trajectory.num_steps
     a, b = (0, T) if steps is None else steps
     if not 0 <= a < b <= T:
@@ -220,38 +304,65 @@ def explain(
         names = set(trajectory.param_names)
         n_params = sum(p.numel() for n, p in model.named_parameters() if n in names)
         opts = opts.replace(query_chunk=default_query_chunk(plan, directional, n_params, opts.dtype))
+    config = {
+        "metric": getattr(metric_fn, "__name__", str(metric)),
+        "by": by,
+        "components": cmap.labels if cmap is not None else None,
+        "reduce": reduce,
+        "tol": opts.tol,
+        "window": (a, b),
+        "bins": plan.bin_width,
+        "nodes": opts.nodes,
+        "max_nodes": opts.max_nodes,
+        "dtype": str(opts.dtype),
+        "position": position,
+    }
+    return Job(trajectory, batch, metric_fn, plan, cmap, opts, device, None if callable(metric) else position, directional, config)
 
-    # ------------------------------------------------ sweep
+
+def run_shard(job: Job, shard: distributed.Shard | None, progress: bool, resume_dir: str | Path | None) -> dict:
+    """One sweep: the whole job (``shard=None``) or one shard of it. Returns the partial sums
+    ``{"acc", "cert", "facts"}`` that :func:`~explaind_tl.engine.distributed.merge_parts` merges."""
+    plan, batch = job.plan, job.batch
+    sweep_window = plan.window
+    if shard is not None and shard.kind == "queries":
+        idx = torch.arange(shard.lo, shard.hi)
+        batch = {k: v[idx] for k, v in batch.items()}
+        plan = replace(plan, n_query=len(idx), weights=plan.weights[idx])  # the whole set's weights
+    elif shard is not None:
+        sweep_window = (shard.lo, shard.hi)
     ctx = Setup(
-        trajectory, batch, metric_fn, plan, cmap, opts, device,
-        position=None if callable(metric) else position, directional=directional,
+        job.trajectory, batch, job.metric_fn, plan, job.cmap, job.options, job.device,
+        position=job.position, directional=job.directional, sweep_window=sweep_window,
     )
-    cert = Certifier(ctx, opts)
+    cert = Certifier(ctx, job.options)
     acc = torch.zeros(plan.n_bins, plan.n_rows, ctx.n_comp, len(plan.x_labels), dtype=torch.float64)
     resume = None
     if resume_dir is not None:
-        config = {
-            "metric": getattr(metric_fn, "__name__", str(metric)),
-            "by": by,
-            "components": cmap.labels if cmap is not None else None,
-            "reduce": reduce,
-            "tol": opts.tol,
-            "window": (a, b),
-            "bins": plan.bin_width,
-            "nodes": opts.nodes,
-            "max_nodes": opts.max_nodes,
-            "dtype": str(opts.dtype),
-            "position": position,
-        }
-        resume = Resume(Path(resume_dir), fingerprint(trajectory, batch, config))
+        where, config = Path(resume_dir), dict(job.config)
+        if shard is not None:
+            where = where / f"shard-{shard.rank}-of-{shard.world}"
+            config["shard"] = [shard.kind, shard.lo, shard.hi]
+        resume = Resume(where, fingerprint(job.trajectory, batch, config))
     # with a background replay (one thread, as recorded) the engine keeps the other cores
     n_threads = torch.get_num_threads()
     with torch_threads(n_threads - 1 if ctx.prefetch else None):
         sweep = run_seen if plan.clock == "seen" else run_realized
         sweep(ctx, cert, progress, acc, resume)
-
-    # ------------------------------------------------ assemble
-    return finish(ctx, cert, acc, opts, metric_fn, metric, reduce, t_start, strict)
+    return {"acc": acc, "cert": cert.snapshot(), "facts": sweep_facts(ctx)}
 
 
-__all__ = ["ExplainOptions", "explain", "normalize_queries"]
+def run_job_shard(job_args: dict, shard: distributed.Shard) -> dict:
+    """A worker process's shard (:func:`explaind_tl.engine.distributed.spawn`): load the run,
+    prepare the same job as the caller, sweep the shard."""
+    from explaind_tl.run.trajectory import Trajectory
+
+    args = dict(job_args)
+    trajectory = Trajectory.load(args.pop("run_dir"), trust_remote_code=args.pop("trust_remote_code"))
+    progress, resume_dir = args.pop("progress") and shard.rank == 0, args.pop("resume_dir")
+    opts = args.pop("options")
+    job = prepare(trajectory, args.pop("queries"), args.pop("metric"), opts=opts, **args)
+    return run_shard(job, shard, progress, resume_dir)
+
+
+__all__ = ["ExplainOptions", "Job", "explain", "normalize_queries", "prepare", "run_shard"]

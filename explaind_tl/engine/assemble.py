@@ -19,16 +19,33 @@ from torch import Tensor
 
 from explaind_tl.attribution import Attribution
 from explaind_tl.certificate import Completeness
-from explaind_tl.engine.certify import Certifier
 from explaind_tl.engine.options import ExplainOptions
 from explaind_tl.engine.plan import Plan
 from explaind_tl.engine.setup import Setup
 from explaind_tl.errors import CertificateError, CertificateWarning
 
 
+def sweep_facts(ctx: Setup) -> dict:
+    """What ``meta`` and the certificate message need from a sweep's :class:`Setup` (picklable,
+    so shards on other processes can send it)."""
+    plan = ctx.plan
+    return {
+        "kink_aware": ctx.kink_aware,
+        "kinks_off": not ctx.kink_aware and ctx.qf.has_kinks,
+        "forward": "readout" if ctx.qf.readout is not None else "model",
+        "query_grads": ("jvp" if ctx.directional else "grad") if plan.resolve_query and plan.clock == "realized" else None,
+        "train_grads": ("jvp" if ctx.train_jvp else "per_example") if plan.clock == "seen" else None,
+        "readout_error": ctx.readout_error,
+        "replay_mismatch": dict(ctx.traj.replay_mismatch),
+        "device": str(ctx.device),
+    }
+
+
 def finish(
-    ctx: Setup,
-    cert: Certifier,
+    plan: Plan,
+    trajectory: Any,
+    facts: dict,
+    cert: dict,
     acc: Tensor,
     options: ExplainOptions,
     metric_fn: Callable,
@@ -37,7 +54,9 @@ def finish(
     t_start: float,
     strict: bool,
 ) -> Attribution:
-    """The Attribution of a finished sweep (``acc [bin, row, component, x]``).
+    """The Attribution of a finished sweep (``acc [bin, row, component, x]``, the certificate's
+    records ``cert`` as :meth:`Certifier.snapshot` gives them, and :func:`sweep_facts`), of one
+    process or merged from several.
 
     Raises:
         CertificateError: ``strict`` and the certificate failed.
@@ -45,28 +64,29 @@ def finish(
     Warns:
         CertificateWarning: the certificate failed (not ``strict``).
     """
-    plan, trajectory = ctx.plan, ctx.traj
     a, b = plan.window
     x_labels = plan.x_labels
-    measured = plan.rows(cert.ends[b]) - plan.rows(cert.ends[a])
+    ends = cert["ends"]
+    measured = plan.rows(ends[b]) - plan.rows(ends[a])
     steps_sorted = list(range(a, b))
-    step_measured = torch.stack([cert.step_measured[s] for s in steps_sorted])
-    step_attr = torch.stack([cert.step_attributed[s] for s in steps_sorted])
+    step_measured = torch.stack([cert["step_measured"][s] for s in steps_sorted])
+    step_attr = torch.stack([cert["step_attributed"][s] for s in steps_sorted])
     attributed_rows = acc.sum(dim=(0, 2, 3))
     update_res = 0.0
     if "update_residual" in x_labels:
         update_res = float(acc[..., x_labels.index("update_residual")].sum())
     step_bound = total_bound = None
-    if all(s in cert.step_bound for s in steps_sorted):  # absent only for old resume states
-        step_bound = torch.stack([cert.step_bound[s] for s in steps_sorted])
-        total_bound = step_bound.sum(0) + assembly_allowance(acc, step_measured, plan, cert.ends[a], cert.ends[b])
+    bounds = cert.get("step_bound", {})
+    if all(s in bounds for s in steps_sorted):  # absent only for old resume states
+        step_bound = torch.stack([bounds[s] for s in steps_sorted])
+        total_bound = step_bound.sum(0) + assembly_allowance(acc, step_measured, plan, ends[a], ends[b])
     completeness = Completeness(
         measured=measured,
         attributed=attributed_rows,
         step_measured=step_measured,
         step_residual=step_measured - step_attr,
-        nodes=torch.tensor([cert.nodes_used[s] for s in steps_sorted]),
-        refined_steps=int(sum(cert.nodes_used[s] > options.nodes for s in steps_sorted)),
+        nodes=torch.tensor([cert["nodes_used"][s] for s in steps_sorted]),
+        refined_steps=int(sum(cert["nodes_used"][s] > options.nodes for s in steps_sorted)),
         update_residual=update_res,
         tol=options.tol,
         step_bound=step_bound,
@@ -85,23 +105,24 @@ def finish(
         "nodes": options.nodes,
         "max_nodes": options.max_nodes,
         "adaptive_nodes": options.adaptive_nodes,
-        "kink_aware": ctx.kink_aware,
-        "forward": "readout" if ctx.qf.readout is not None else "model",
-        "query_grads": ("jvp" if ctx.directional else "grad") if plan.resolve_query and plan.clock == "realized" else None,
-        "train_grads": ("jvp" if ctx.train_jvp else "per_example") if plan.clock == "seen" else None,
-        "readout_error": ctx.readout_error,
-        "kinks": int(sum(cert.kinks_seen.values())),
-        "replay_mismatch": max((d for c, d in trajectory.replay_mismatch.items() if a < c <= b), default=0.0),
+        "kink_aware": facts["kink_aware"],
+        "forward": facts["forward"],
+        "query_grads": facts["query_grads"],
+        "train_grads": facts["train_grads"],
+        "readout_error": facts["readout_error"],
+        "kinks": int(sum(cert["kinks_seen"].values())),
+        "replay_mismatch": max((d for c, d in facts["replay_mismatch"].items() if a < c <= b), default=0.0),
         "dtype": str(dtype).replace("torch.", ""),
-        "device": str(ctx.device),
+        "device": facts["device"],
         "optimizer": trajectory.optimizer_spec.to_dict(),
         "seconds": time.perf_counter() - t_start,
         "run_dir": str(trajectory.run_dir),
     }
+    if facts.get("world_size", 1) > 1:
+        meta["world_size"], meta["split"] = facts["world_size"], facts["split"]
     attr = Attribution(values=values, dims=dims, coords=coords, completeness=completeness, meta=meta)
     if completeness.ok is False:
-        kinks_off = not ctx.kink_aware and ctx.qf.has_kinks
-        message = certificate_message(completeness, dtype, options.max_nodes, kinks_off)
+        message = certificate_message(completeness, dtype, options.max_nodes, facts["kinks_off"])
         if strict:
             raise CertificateError(message, attr)
         warnings.warn(message, CertificateWarning, stacklevel=3)

@@ -38,6 +38,12 @@ STALLED = 0.7
 COMFORTABLE = 0.1
 
 
+# The node controller (adaptive_nodes) restarts at every step that is a multiple of this: a sweep
+# split into step ranges cut at such steps (explaind_tl.engine.distributed) then makes exactly
+# the node choices of one sweep over the whole window.
+RESTART_EVERY = 16
+
+
 class Certifier:
     """``φ̂_s`` of each step, refined against its certificate, and the certificate's records.
 
@@ -238,6 +244,9 @@ class Certifier:
         ``Σ_p |φ̂_p Δ_p|`` are float64 sums of its entries (:func:`~explaind_tl.contraction.dot_and_magnitude`).
         """
         plan = self.ctx.plan
+        if s % RESTART_EVERY == 0:  # the node controller starts afresh (see RESTART_EVERY)
+            self.start_nodes.clear()
+            self.cooldown.clear()
         w = self.ctx.to_work(w_s)
         delta64 = {k: w_next[k].to(self.ctx.device, torch.float64) - w_s[k].to(self.ctx.device, torch.float64) for k in self.ctx.names}
         delta = {k: v.to(self.ctx.dtype) for k, v in delta64.items()}

@@ -24,7 +24,7 @@ def run_realized(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resum
     """Forward sweep on the realized clock: the entries of every step, into ``acc [bin, row,
     component, x]`` (``x``: the sources, or one column without a source axis)."""
     plan = ctx.plan
-    a, b = plan.window
+    a, b = ctx.sweep_window
     want_sources = "source" in plan.by
     state = resume.load() if resume else None
     start = a

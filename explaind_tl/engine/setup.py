@@ -35,6 +35,7 @@ class Setup:
         device: where the work runs.
         position: the position a built-in metric reads (``None`` for a callable metric).
         directional: per-query rows by forward-mode derivatives (``query_grads``).
+        sweep_window: the steps to sweep, inside ``plan.window`` (default: all of it).
     """
 
     def __init__(
@@ -48,10 +49,14 @@ class Setup:
         device: torch.device,
         position: int | None,
         directional: bool,
+        sweep_window: tuple[int, int] | None = None,
     ) -> None:
         dtype = options.dtype
         self.traj = trajectory
         self.plan = plan
+        # the steps this sweep covers: the plan's window, or one rank's range of it (the plan's
+        # window still defines the bins and the ends of the total certificate)
+        self.sweep_window = sweep_window if sweep_window is not None else plan.window
         self.options = options
         self.dtype = dtype
         self.device = device
