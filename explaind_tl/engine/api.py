@@ -167,8 +167,10 @@ def explain(
             machine (the trajectory must be in a run directory; ``metric`` and ``components``
             must be picklable); under ``torchrun`` (a default group already initialised) the
             group's ranks share the work and ``world_size`` may be left unset. ``1``: this
-            process only, even inside a group. The result is the same ``Attribution`` (float64:
-            equal to one process's to rounding, ~1e-15 relative), certificate merged.
+            process only, even inside a group. The result is the same ``Attribution``,
+            certificate merged: in float64 equal to one process's to rounding (with a query
+            split, to one process with the same ``query_chunk``; the split lowers it to
+            ``ceil(Q / world_size)`` when there are fewer chunks than ranks).
         split: ``"steps"`` (each rank a contiguous range of the window; realized clock without a
             source axis), ``"queries"`` (each rank a slice of the queries, the whole window), or
             ``"auto"``: steps where allowed, else queries (docs/design.md §7).

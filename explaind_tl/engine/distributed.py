@@ -102,8 +102,10 @@ def plan_shards(
 ) -> list[Shard]:
     """Contiguous, balanced shards. Step cuts fall on multiples of ``RESTART_EVERY`` (where the
     node controller restarts, so the shards make one sweep's node choices), preferring a
-    checkpoint within ``snap`` of the window (or one restart period) of the balanced cut;
-    query shards hold whole chunks of ``query_chunk`` queries.
+    checkpoint within ``snap`` of the window (or one restart period) of the balanced cut; in a
+    window too short to hold such steps the cut is the balanced one, and the shards' node choices
+    may then differ from one sweep's (results agree to the certificate's ``tol``, or to rounding
+    with ``adaptive_nodes=False``). Query shards hold whole chunks of ``query_chunk`` queries.
 
     Raises:
         ValueError: fewer steps (or queries) than ranks.
