@@ -101,3 +101,15 @@ def test_bench_explain_two_midpoint_rules_and_kernel_case(capsys, monkeypatch):
     for r in rows:
         assert _positive(r["ratio"]) and r["peak_mb"] > 0 and r["ok"]
         assert r["total_rel"] < 1e-4 and r["mean_rel_per_query"] < 1e-4
+
+
+def test_bench_distributed_smoke():
+    """analyses/bench_distributed.py on a short run: two workers give one process's values."""
+    from analyses import bench_distributed
+
+    res = bench_distributed.main(["--steps", "32", "--workers", "2", "--threads", "1"])
+    assert _positive(res["one_s"])
+    (row,) = res["rows"]
+    assert row["workers"] == 2 and _positive(row["ratio"])
+    # the same float32 computations on each shard (a step split): equal up to summation order
+    assert row["diff"] <= 1e-6
