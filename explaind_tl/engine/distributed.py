@@ -150,9 +150,7 @@ def merge_parts(parts: list[dict], kind: str, resolve_query: bool) -> dict:
         return parts[0]
     certs = [p["cert"] for p in parts]
     if kind == "steps":
-        acc = parts[0]["acc"].clone()
-        for p in parts[1:]:
-            acc += p["acc"]
+        acc = _sum([p["acc"] for p in parts])
         cert: dict[str, Any] = {}
         for key in certs[0]:
             merged: dict = {}
@@ -160,7 +158,7 @@ def merge_parts(parts: list[dict], kind: str, resolve_query: bool) -> dict:
                 merged.update(c[key])
             cert[key] = merged
     else:
-        rows = (lambda xs: torch.cat(xs, dim=0)) if resolve_query else (lambda xs: _sum(xs))
+        rows = (lambda xs: torch.cat(xs, dim=0)) if resolve_query else _sum
         acc = torch.cat([p["acc"] for p in parts], dim=1) if resolve_query else _sum([p["acc"] for p in parts])
         steps = list(certs[0]["nodes_used"])
         cert = {
