@@ -373,8 +373,8 @@ class QueryFunction:
 
         One ``vmap(jacrev)`` of ``p ↦ Σ_j w_j q_i(p + t_j Δ)`` at ``p = params``: its gradient is
         the weighted sum of the node gradients, so the node sum happens inside the backward and
-        only one ``[Q, R, P]`` block is made (not one per node, then summed). With the read-out
-        forward, a query's nodes are rows of one batch evaluated along the path
+        one ``[Q, R, P]`` block is returned (autograd still forms one per node and adds them).
+        With the read-out forward, a query's nodes are rows of one batch evaluated along the path
         (:meth:`Readout.logits` ``path=``), so each weight matrix's gradient is one product over
         nodes and positions: no per-node ``[Q, R, P]`` block at all.
         """
