@@ -117,7 +117,8 @@ def explain(
         nodes: Gauss–Legendre nodes per smooth piece to start a step with.
         adaptive_nodes: after a step met its certificate at its starting count with a 10x margin,
             start the next with half as many nodes (down to 1); after a step that needed
-            refinement, start again from ``nodes``. Every step is still checked against ``tol``.
+            refinement, start again from ``nodes``; at every multiple of 16 steps the controller
+            starts afresh. Every step is still checked against ``tol``.
         max_nodes: cap for adaptive refinement.
         kink_aware: cut segments where ReLU pre-activations change sign (``"auto"``: when the
             model has observable ReLUs).

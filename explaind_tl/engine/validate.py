@@ -144,4 +144,3 @@ def check_arguments(
     if resume_dir is not None and not isinstance(resume_dir, (str, os.PathLike)):
         raise TypeError(f"resume_dir must be a path, got {type(resume_dir).__name__}")
     return by, steps, step_bins, position
-
