@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
             diff = float((many.values - one.values).abs().max() / one.values.abs().max())
             print(f"    {n} workers : {t_n:7.1f} s  ratio to 1 process {t_n / t_one:.2f}  split {many.meta['split']}  "
                   f"max |diff| / max |value| {diff:.1e}  certificate ok {many.completeness.ok}")
-            out["rows"].append({"workers": n, "seconds": t_n, "ratio": t_n / t_one, "diff": diff})
+            print(f"      shard sweeps (s): {', '.join(f'{t:.1f}' for t in many.meta['shard_seconds'])}")
+            out["rows"].append({"workers": n, "seconds": t_n, "ratio": t_n / t_one, "diff": diff,
+                                "shard_seconds": many.meta["shard_seconds"]})
     finally:
         if not args.work_dir:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -165,8 +165,9 @@ def explain(
             well replaces its field. Defaults: ``ExplainOptions()``, i.e. the values listed here.
         world_size: split the work over this many processes (``torch.distributed``, gloo): with
             no process group initialised, ``world_size`` worker processes are started on this
-            machine (the trajectory must be in a run directory; ``metric`` and ``components``
-            must be picklable); under ``torchrun`` (a default group already initialised) the
+            machine: forked from this one on Linux/CPU with one thread per worker (they inherit
+            the prepared job), else spawned (then the trajectory must be in a run directory and
+            ``metric`` and ``components`` must be picklable); under ``torchrun`` (a default group already initialised) the
             group's ranks share the work and ``world_size`` may be left unset. ``1``: this
             process only, even inside a group. The result is the same ``Attribution``,
             certificate merged: in float64 equal to one process's to rounding (with a query
@@ -212,7 +213,8 @@ def explain(
     check_flag("trust_remote_code", trust_remote_code)
     world_size, threads = distributed.check_arguments(world_size, split, gather, threads_per_worker)
     group = distributed.current_group(world_size)
-    if (world_size or 1) > 1 and group is None:
+    method = distributed.start_method(threads, device)
+    if (world_size or 1) > 1 and group is None and method == "spawn":
         distributed.check_picklable("metric", metric)
         distributed.check_picklable("components", components)
     trajectory = as_trajectory(trajectory, trust_remote_code)
@@ -237,9 +239,15 @@ def explain(
             )
             if part is None:  # gather="rank0" on another rank
                 return None
+        elif method == "fork":  # the workers inherit the prepared job
+            job_args = dict(job=job, progress=progress, resume_dir=resume_dir)
+            part = distributed.spawn(run_forked_shard, job_args, shards, threads, plan.resolve_query, method="fork")
         else:
             if trajectory.run_dir is None:
-                raise ValueError("world_size > 1 needs a trajectory saved in a run directory (workers load it from there)")
+                raise ValueError(
+                    "world_size > 1 with spawned workers (more than one thread per worker, or a GPU) needs a "
+                    "trajectory saved in a run directory (the workers load it from there)"
+                )
             job_args = dict(
                 run_dir=str(trajectory.run_dir), trust_remote_code=trust_remote_code, queries=job.batch, metric=metric,
                 by=by, components=components, reduce=reduce, steps=steps, step_bins=step_bins, position=position,
@@ -348,11 +356,17 @@ def run_shard(job: Job, shard: distributed.Shard | None, progress: bool, resume_
             config["shard"] = [shard.kind, shard.lo, shard.hi]
         resume = Resume(where, fingerprint(job.trajectory, batch, config))
     # with a background replay (one thread, as recorded) the engine keeps the other cores
-    n_threads = torch.get_num_threads()
+    n_threads, t0 = torch.get_num_threads(), time.perf_counter()
     with torch_threads(n_threads - 1 if ctx.prefetch else None):
         sweep = run_seen if plan.clock == "seen" else run_realized
         sweep(ctx, cert, progress, acc, resume)
-    return {"acc": acc, "cert": cert.snapshot(), "facts": sweep_facts(ctx)}
+    facts = sweep_facts(ctx) | {"seconds": time.perf_counter() - t0}
+    return {"acc": acc, "cert": cert.snapshot(), "facts": facts}
+
+
+def run_forked_shard(job_args: dict, shard: distributed.Shard) -> dict:
+    """A forked worker's shard: the caller's prepared job, inherited."""
+    return run_shard(job_args["job"], shard, job_args["progress"] and shard.rank == 0, job_args["resume_dir"])
 
 
 def run_job_shard(job_args: dict, shard: distributed.Shard) -> dict:

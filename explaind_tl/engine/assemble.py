@@ -120,6 +120,7 @@ def finish(
     }
     if facts.get("world_size", 1) > 1:
         meta["world_size"], meta["split"] = facts["world_size"], facts["split"]
+        meta["shard_seconds"] = facts.get("shard_seconds")
     attr = Attribution(values=values, dims=dims, coords=coords, completeness=completeness, meta=meta)
     if completeness.ok is False:
         message = certificate_message(completeness, dtype, options.max_nodes, facts["kinks_off"])

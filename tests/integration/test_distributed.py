@@ -21,7 +21,7 @@ from conftest import assert_close_scaled, modular_data, tiny_model
 
 from explaind_tl import Trajectory, TrajectoryRecorder, explain
 from explaind_tl.engine.certify import RESTART_EVERY
-from explaind_tl.engine.distributed import Shard, merge_parts, plan_shards, shard_chunk
+from explaind_tl.engine.distributed import Shard, merge_parts, plan_shards, shard_chunk, start_method
 from explaind_tl.errors import ExplainWorkerError
 from explaind_tl.losses import last_token_cross_entropy
 from explaind_tl.metrics import resolve_metric
@@ -88,8 +88,33 @@ def test_two_processes_equal_one(runs, queries, opt_name, kw, split):
     one = explain(traj, queries, progress=False, **kw)
     two = explain(traj, queries, progress=False, world_size=2, **kw)
     assert two.meta["world_size"] == 2 and two.meta["split"] == split
+    assert len(two.meta["shard_seconds"]) == 2 and min(two.meta["shard_seconds"]) > 0
     assert one.completeness.ok
     assert_same(one, two)
+
+
+def test_workers_fork_only_where_safe():
+    linux = sys.platform.startswith("linux")
+    assert start_method(1, "cpu") == ("fork" if linux else "spawn")
+    assert start_method(2, "cpu") == "spawn"  # OpenMP with 2 threads hangs in a forked child
+    assert start_method(1, "cuda") == "spawn"  # CUDA cannot run in a forked child
+
+
+@pytest.mark.skipif(start_method(1, "cpu") != "fork", reason="workers are forked on Linux only")
+def test_forked_workers_take_a_closure_metric(runs, queries):
+    traj, target = runs["adamw"], 3
+    kw = dict(metric=lambda logits, batch: logits[:, -1, target], by=("step", "component"), components="head",
+              progress=False)
+    assert_same(explain(traj, queries, **kw), explain(traj, queries, world_size=2, **kw))
+
+
+def test_spawned_workers_equal_one(runs, queries):
+    """Two threads per worker: spawned interpreters that load the run from its directory."""
+    traj = runs["sgd_nesterov"]
+    kw = dict(by=("step", "component", "query"), components="head", progress=False)
+    two = explain(traj, queries, world_size=2, threads_per_worker=2, **kw)
+    assert two.meta["world_size"] == 2
+    assert_same(explain(traj, queries, **kw), two)
 
 
 def test_arguments_are_checked_before_any_worker_starts(runs, queries):
@@ -102,8 +127,9 @@ def test_arguments_are_checked_before_any_worker_starts(runs, queries):
         explain(traj, queries, world_size=2, split="layers", progress=False)
     with pytest.raises(ValueError, match="gather"):
         explain(traj, queries, world_size=2, gather="rank1", progress=False)
-    with pytest.raises(TypeError, match="cannot be sent to worker processes"):
-        explain(traj, queries, metric=lambda logits, batch: logits[:, -1, 0], world_size=2, progress=False)
+    with pytest.raises(TypeError, match="cannot be sent to worker processes"):  # spawned: 2 threads each
+        explain(traj, queries, metric=lambda logits, batch: logits[:, -1, 0], world_size=2, threads_per_worker=2,
+                progress=False)
     with pytest.raises(ValueError, match="split='steps'"):
         explain(traj, queries, by=("train",), world_size=2, split="steps", progress=False)
     with pytest.raises(ValueError, match="cannot split 8 query chunks|cannot split"):
