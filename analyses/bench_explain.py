@@ -81,12 +81,14 @@ def split(cfg) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return ({"tokens": t["train_tokens"], "label": t["train_label"]}, {"tokens": t["test_tokens"], "label": t["test_label"]})
 
 
-def record_run(cfg, train: dict, run_dir: Path, steps: int, checkpoint_every: int) -> tuple[Any, list[float], list[float]]:
-    """Record ``steps`` full-batch steps; per-step wall and CPU seconds of ``rec.step`` (+ close)."""
+def record_run(cfg, train: dict, run_dir: Path, steps: int, checkpoint_every: int, device: str = "cpu") -> tuple[Any, list[float], list[float]]:
+    """Record ``steps`` full-batch steps on ``device``; per-step wall and CPU seconds of
+    ``rec.step`` (+ close)."""
     from explaind_tl import Trajectory, TrajectoryRecorder
     from explaind_tl.losses import last_token_cross_entropy
+    from explaind_tl.model import move_model
 
-    model = cfg.make_model()
+    model = move_model(cfg.make_model(), device)
     opt = cfg.make_optimizer(model)
     rec = TrajectoryRecorder(model, opt, run_dir, train, last_token_cross_entropy, checkpoint_every=checkpoint_every, overwrite=True)
     wall, cpu = [], []

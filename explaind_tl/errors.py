@@ -12,7 +12,8 @@ class UnsupportedOptimizerError(ExplaindError, ValueError):
 
 
 class NondeterministicTrainingError(ExplaindError, RuntimeError):
-    """Training is random (dropout, stochastic layers) so it cannot be replayed exactly."""
+    """Training is random (dropout, stochastic layers, a GPU op without a deterministic kernel)
+    so it cannot be replayed exactly."""
 
 
 class RecordingError(ExplaindError, ValueError):
@@ -33,6 +34,11 @@ class ModelMismatchError(TrajectoryError, ValueError):
 
 class QueryError(ExplaindError, ValueError):
     """Queries are empty, malformed or out of vocabulary."""
+
+
+class ReplayMismatchWarning(UserWarning):
+    """A replayed segment did not reproduce its closing checkpoint bitwise (or cannot: a GPU run
+    replayed on the CPU)."""
 
 
 class CertificateWarning(ExplaindError, UserWarning):

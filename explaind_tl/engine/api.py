@@ -213,11 +213,11 @@ def explain(
     check_flag("trust_remote_code", trust_remote_code)
     world_size, threads = distributed.check_arguments(world_size, split, gather, threads_per_worker)
     group = distributed.current_group(world_size)
-    method = distributed.start_method(threads, device)
+    trajectory = as_trajectory(trajectory, trust_remote_code)
+    method = distributed.start_method(threads, device)  # after loading: a GPU run initialises CUDA
     if (world_size or 1) > 1 and group is None and method == "spawn":
         distributed.check_picklable("metric", metric)
         distributed.check_picklable("components", components)
-    trajectory = as_trajectory(trajectory, trust_remote_code)
     job = prepare(trajectory, queries, metric, by, components, reduce, steps, step_bins, position, opts, device)
     plan, opts = job.plan, job.options  # opts now with the resolved dtype and query_chunk
 

@@ -34,3 +34,16 @@ def is_hooked_transformer(model: Any) -> bool:
         if cls.__name__ == "HookedTransformer" and cls.__module__.startswith("transformer_lens"):
             return True
     return False
+
+
+def move_model(model: Any, device: Any = None, dtype: Any = None) -> Any:
+    """``model`` on ``device`` and/or in ``dtype`` (in place, returned). A ``HookedTransformer``
+    moves through its own ``.to`` (which keeps ``cfg.device`` and ``cfg.dtype`` true), quietly."""
+    if is_hooked_transformer(model):
+        if device is not None:
+            model = model.to(device, print_details=False)
+        if dtype is not None:
+            model = model.to(dtype, print_details=False)
+            model.cfg.dtype = dtype
+        return model
+    return model.to(device=device, dtype=dtype)

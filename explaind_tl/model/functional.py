@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from explaind_tl.losses import last_token_cross_entropy
-from explaind_tl.model import is_hooked_transformer
+from explaind_tl.model import is_hooked_transformer, move_model
 from explaind_tl.model.readout import Readout, readout_units, unsupported_reason
 
 Params = dict[str, Tensor]
@@ -420,12 +420,7 @@ KINK_ON = "__kink_on__"  # batch key: [B, U] bool, their forced state
 
 def frozen_copy(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """A deep copy in ``dtype`` on ``device``, in eval mode, with gradients switched off."""
-    m = copy.deepcopy(model)
-    if is_hooked_transformer(m):
-        m = m.to(device, print_details=False).to(dtype, print_details=False)
-        m.cfg.dtype = dtype
-    else:
-        m = m.to(device=device, dtype=dtype)
+    m = move_model(copy.deepcopy(model), device, dtype)
     m.eval()
     for p in m.parameters():
         p.requires_grad_(False)

@@ -43,6 +43,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 MAX_SMALL_JSON_BYTES = 16 << 20
 MAX_JSON_DEPTH = 64
 MAX_THREADS = 1024
+DEVICE_TYPES = ("cpu", "cuda")  # where a run may be recorded (manifest "device")
 MAX_DIM = 1 << 40
 ROWS_PER_RECORD_BYTE = 16
 """A segment of ``n`` steps needs a parquet file of at least ``n / 16`` bytes (a recorded one

@@ -96,6 +96,8 @@ from explaind_tl.run.step import (
     LossFn,
     check_no_dropout,
     determinism_probe,
+    deterministic_algorithms,
+    recording_device,
     torch_threads,
     train_step,
 )
@@ -135,6 +137,13 @@ class TrajectoryRecorder:
             The default 1 makes replay bitwise exact; ``None`` keeps torch's current setting,
             which on CPU usually makes replay drift (``Trajectory.verify()`` measures it and
             :func:`explaind_tl.explain` reports it as ``meta["replay_mismatch"]``).
+        deterministic: run each recorded step (and its replay) with PyTorch's deterministic
+            algorithms (:func:`explaind_tl.run.step.deterministic_algorithms`); default: on when
+            the model is on a GPU, whose atomics-based kernels otherwise differ from run to run.
+            An op without a deterministic implementation then raises
+            :class:`~explaind_tl.errors.NondeterministicTrainingError` naming it (nothing is
+            recorded). The model's device (``"cpu"``/``"cuda"``) is recorded; batches are moved
+            to it, and :meth:`Trajectory.load` replays there.
 
     Raises:
         TrajectoryError: ``run_dir`` is not empty (and not a recorded run with
@@ -160,6 +169,7 @@ class TrajectoryRecorder:
         *,
         overwrite: bool = False,
         num_threads: int | None = 1,
+        deterministic: bool | None = None,
         _resume: dict[str, Any] | None = None,
     ) -> None:
         self._lock: storage.RunLock | None = None
@@ -190,6 +200,7 @@ class TrajectoryRecorder:
         if num_threads is not None and int(num_threads) < 1:
             raise RecordingError(f"num_threads must be >= 1 or None, got {num_threads}")
         self.num_threads = None if num_threads is None else int(num_threads)
+        self.device, self.deterministic = recording_device(self.params, deterministic, (_resume or {}).get("manifest"))
 
         if _resume is not None:
             self._lock = _resume.get("lock")
@@ -227,6 +238,8 @@ class TrajectoryRecorder:
                 "format_version": FORMAT_VERSION,
                 "versions": package_versions(),
                 "torch_num_threads": self.num_threads or torch.get_num_threads(),
+                "device": self.device.type,
+                "deterministic": self.deterministic,
                 "model": mspec,
                 "model_training": bool(model.training),
                 "loss_fn": import_path(loss_fn),
@@ -413,16 +426,16 @@ class TrajectoryRecorder:
                 ids = None
         metric = check_scheduler_metric(self.scheduler, scheduler_metric, s)
         hparams = check_optimizer(self.optimizer, self.spec.kind, self._fixed, self.param_names, self.params, s)
-        batch = self.batch(ids)
+        batch = {k: v.to(self.device) for k, v in self.batch(ids).items()}
         check_no_dropout(self.model)
         if not self._probed:
-            with torch_threads(self.num_threads):
+            with torch_threads(self.num_threads), deterministic_algorithms(self.deterministic, f"step {s}"):
                 determinism_probe(self.model, self.loss_fn, batch)
             self._probed = True
         snap: dict[str, Any] = {}
         phase = "optimizer.step()"
         try:
-            with torch_threads(self.num_threads):
+            with torch_threads(self.num_threads), deterministic_algorithms(self.deterministic, f"step {s}"):
                 out = train_step(
                     self.model, self.optimizer, self.params, self.loss_fn, batch, self.clip_grad_norm,
                     before_step=lambda: snap.update(snapshot(self.params, self.optimizer, self.scheduler)),

@@ -3,20 +3,29 @@
 :func:`train_step` is what :class:`explaind_tl.run.recorder.TrajectoryRecorder` runs and what
 :class:`explaind_tl.run.trajectory.Trajectory` replays: the same mean of per-example losses, the
 same clipping, the same single-tensor optimizer code, under the same number of CPU threads
-(:func:`torch_threads`). Replay is therefore exact by construction; :func:`check_no_dropout` and
-:func:`determinism_probe` refuse the randomness that would break it.
+(:func:`torch_threads`) and, on a GPU, with PyTorch's deterministic algorithms
+(:func:`deterministic_algorithms`). Replay is therefore exact by construction;
+:func:`check_no_dropout` and :func:`determinism_probe` refuse the randomness that would break it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from explaind_tl.errors import NondeterministicTrainingError, RecordingError
+from explaind_tl.errors import (
+    NondeterministicTrainingError,
+    RecordingError,
+    ReplayMismatchWarning,
+    TrajectoryError,
+)
+from explaind_tl.run.format import DEVICE_TYPES
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 
@@ -148,6 +157,87 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(cur)
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # what PyTorch asks for to make cuBLAS deterministic (CUDA >= 10.2)
+_NONDETERMINISTIC = ("does not have a deterministic implementation", "CUBLAS_WORKSPACE_CONFIG")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, where: str = "the training step") -> Iterator[None]:
+    """Run the block with ``torch.use_deterministic_algorithms(True)`` (and cuDNN's deterministic,
+    non-benchmarking mode), then restore the previous settings; ``enabled=False``: as is.
+
+    GPU kernels that accumulate with atomics (scatter-adds, some cuBLAS reductions) give
+    different bits on every run; under this mode PyTorch picks deterministic kernels or raises
+    for ops that have none. ``CUBLAS_WORKSPACE_CONFIG`` is set to ``":4096:8"`` when unset (it
+    must be set before the process's first cuBLAS call to take effect; set it in the
+    environment to be sure).
+
+    Raises:
+        NondeterministicTrainingError: an op in the block has no deterministic implementation
+            (PyTorch's message, which names the op, is kept).
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    except RuntimeError as exc:
+        if any(m in str(exc) for m in _NONDETERMINISTIC):
+            raise NondeterministicTrainingError(
+                f"{where} uses an operation without a deterministic implementation on this device, so it "
+                f"could not be replayed exactly: {exc}"
+            ) from exc
+        raise
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def recording_device(params: list[Tensor], deterministic: bool | None, recorded: dict | None = None) -> tuple[torch.device, bool]:
+    """Where a recorder runs (its parameters' device) and whether in deterministic mode (default:
+    on a GPU). ``recorded``: the manifest of a run being resumed, whose device and mode win.
+
+    Raises:
+        RecordingError: ``deterministic`` not a bool or None; parameters on an unsupported device.
+        TrajectoryError: resuming on another device type than the run was recorded on.
+    """
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise RecordingError(f"deterministic must be True, False or None, got {deterministic!r}")
+    device = params[0].device if params else torch.device("cpu")
+    if device.type not in DEVICE_TYPES:
+        raise RecordingError(f"the model is on {device}; recording supports {DEVICE_TYPES}")
+    if recorded is None:
+        return device, device.type == "cuda" if deterministic is None else deterministic
+    if recorded.get("device", "cpu") != device.type:
+        where = recorded.get("device", "cpu")
+        raise TrajectoryError(
+            f"this run was recorded on {where}; resume it with the model on {where}, not {device.type} "
+            "(replay runs every step on the device that recorded it)"
+        )
+    return device, bool(recorded.get("deterministic", False))
+
+
+def replay_device(device: object, recorded: str, run_dir: object) -> torch.device:
+    """The device replay runs on: ``device``, else the recorded one, else the CPU (warned)."""
+    if device is not None:
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+        return torch.device(device)
+    if recorded == "cuda" and not torch.cuda.is_available():
+        warnings.warn(
+            f"{run_dir} was recorded on a GPU and no GPU is available: replaying on the CPU, whose kernels round "
+            "differently, so replayed steps are not bitwise the recorded ones (the certificate shows the residual)",
+            ReplayMismatchWarning, stacklevel=3,
+        )
+        return torch.device("cpu")
+    return torch.device(recorded)
 
 
 def determinism_probe(model: nn.Module, loss_fn: LossFn, batch: dict[str, Tensor]) -> None:

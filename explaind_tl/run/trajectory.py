@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from explaind_tl.errors import TrajectoryError
+from explaind_tl.errors import ReplayMismatchWarning, TrajectoryError
+from explaind_tl.model import move_model
 from explaind_tl.model.spec import build_model, check_model_matches
 from explaind_tl.optim import (
     HPARAM_COLUMNS,
@@ -47,16 +48,12 @@ from explaind_tl.run.format import (
     read_records,
     restore_initial,
 )
-from explaind_tl.run.step import torch_threads, train_step
+from explaind_tl.run.step import deterministic_algorithms, replay_device, torch_threads, train_step
 from explaind_tl.run.trust import resolve_recorded_callable
 from explaind_tl.run.validate import read_manifest
 
 Params = dict[str, Tensor]
 State = dict[str, dict[str, Tensor]]
-
-
-class ReplayMismatchWarning(UserWarning):
-    """A replayed segment did not reproduce its closing checkpoint bitwise."""
 
 
 @dataclass
@@ -158,6 +155,7 @@ class Trajectory:
         model_factory: Callable[[], nn.Module] | None = None,
         check: bool = True,
         trust_remote_code: bool = False,
+        device: str | torch.device | None = None,
     ) -> Trajectory:
         """Load and validate a run directory. Loading never runs code from the directory.
 
@@ -171,6 +169,11 @@ class Trajectory:
             trust_remote_code: Import and call the loss function / model factory the manifest
                 names even when they are not explaind_tl's (and build a model config that
                 names a tokenizer). Only for run directories you trust.
+            device: where replay runs (and where the parameters it returns live). Default: the
+                device type the run was recorded on (``manifest["device"]``), or the CPU with a
+                :class:`ReplayMismatchWarning` when that is CUDA and none is available: GPU and
+                CPU kernels round differently, so such a replay is not the recorded run
+                (``verify()`` and ``explain``'s certificate show by how much).
 
         Raises:
             TrajectoryError: missing/malformed manifest or files, unimportable loss_fn/factory,
@@ -200,6 +203,9 @@ class Trajectory:
         self.clip_grad_norm = man.get("clip_grad_norm")
         self.num_train = int(man["num_train"])
         self.torch_num_threads = man.get("torch_num_threads")
+        self.recorded_device = man.get("device", "cpu")
+        self.deterministic = bool(man.get("deterministic", False))
+        self.device = replay_device(device, self.recorded_device, self.run_dir)
         self.replay_mismatch: dict[int, float] = {}
         self.loss_mismatch: dict[int, tuple[float, float]] = {}
         self._warned_replay = False
@@ -294,7 +300,7 @@ class Trajectory:
 
     def _work_model(self) -> tuple[nn.Module, torch.optim.Optimizer, list[nn.Parameter]]:
         if self._work is None:
-            model = self.build_model()
+            model = move_model(self.build_model(), self.device)
             named = dict(model.named_parameters())
             params = [named[n] for n in self.param_names]
             opt = build_optimizer(self.optimizer_spec, params)
@@ -328,10 +334,10 @@ class Trajectory:
         return checks.read_checkpoint_meta(self.run_dir / self._checkpoint_entry(step)["file"])
 
     def _checkpoint_params(self, step: int) -> Params:
-        return checkpoint_params(self.checkpoint(step), self.param_names)
+        return {n: t.to(self.device) for n, t in checkpoint_params(self.checkpoint(step), self.param_names).items()}
 
     def _checkpoint_state(self, step: int) -> State:
-        return checkpoint_state(self.checkpoint(step))
+        return {k: {n: t.to(self.device) for n, t in d.items()} for k, d in checkpoint_state(self.checkpoint(step)).items()}
 
     def _check_step(self, s: int, upto: int | None = None) -> int:
         upto = self.num_steps if upto is None else upto
@@ -363,13 +369,14 @@ class Trajectory:
         for s in range(start_ck, stop):
             ids = self.batch_ids(s)
             raw = self._ids[s]
-            batch = gather_batch(self.train_columns, None if raw is None else ids)
+            batch = {k: v.to(self.device) for k, v in gather_batch(self.train_columns, None if raw is None else ids).items()}
             w_s = {n: p.detach().clone() for n, p in zip(self.param_names, params)} if capture else None
             state_before = state_dict_by_key(opt, self.param_names) if capture else None
             hp = self.hyperparameters(s)
             apply_hparams(opt, spec.kind, hp)
-            with torch_threads(self.torch_num_threads), checks.as_trajectory_error(
-                    f"replaying step {s} of {self.run_dir} failed (its recorded data does not fit the model and loss_fn)"):
+            with torch_threads(self.torch_num_threads), deterministic_algorithms(self.deterministic, f"replaying step {s}"), \
+                    checks.as_trajectory_error(f"replaying step {s} of {self.run_dir} failed (its recorded data does not "
+                                               "fit the model and loss_fn)"):
                 out = train_step(model, opt, params, self.loss_fn, batch, self.clip_grad_norm, lr=hp["lr"], capture_grads=capture)
             if out.loss != self._loss[s]:
                 self.loss_mismatch.setdefault(s, (out.loss, self._loss[s]))

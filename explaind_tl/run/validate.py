@@ -19,6 +19,7 @@ from typing import Any
 
 from explaind_tl.errors import TrajectoryError, UntrustedCodeError
 from explaind_tl.run.format import (
+    DEVICE_TYPES,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -329,6 +330,9 @@ def validate_manifest(
     F.int(man, "torch_num_threads", "torch_num_threads", 1, MAX_THREADS, optional=True)
     F.num(man, "clip_grad_norm", "clip_grad_norm", 0.0, optional=True, lo_open=True)
     F.bool(man, "model_training", "model_training")
+    if man.get("device") is not None and man["device"] not in DEVICE_TYPES:
+        raise F.fail("device", f"one of {list(DEVICE_TYPES)}", man["device"])
+    F.bool(man, "deterministic", "deterministic")
     F.bool(man, "has_scheduler", "has_scheduler")
     F.bool(man, "complete", "complete")
     F.dict(man, "versions", "versions", optional=True)

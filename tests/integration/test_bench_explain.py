@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+import torch
 from conftest import max_abs
 
 TINY = [
@@ -113,3 +115,13 @@ def test_bench_distributed_smoke():
     assert row["workers"] == 2 and _positive(row["ratio"])
     # the same float32 computations on each shard (a step split): equal up to summation order
     assert row["diff"] <= 1e-6
+
+
+def test_bench_gpu_without_cuda_measures_nothing(capsys):
+    """analyses/bench_gpu.py: on a machine without CUDA it says so and returns no numbers."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the benchmark would run in full")
+    from analyses import bench_gpu
+
+    assert bench_gpu.main([]) == {}
+    assert "no CUDA device" in capsys.readouterr().out

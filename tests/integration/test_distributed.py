@@ -21,7 +21,13 @@ from conftest import assert_close_scaled, modular_data, tiny_model
 
 from explaind_tl import Trajectory, TrajectoryRecorder, explain
 from explaind_tl.engine.certify import RESTART_EVERY
-from explaind_tl.engine.distributed import Shard, merge_parts, plan_shards, shard_chunk, start_method
+from explaind_tl.engine.distributed import (
+    Shard,
+    merge_parts,
+    plan_shards,
+    shard_chunk,
+    start_method,
+)
 from explaind_tl.errors import ExplainWorkerError
 from explaind_tl.losses import last_token_cross_entropy
 from explaind_tl.metrics import resolve_metric
