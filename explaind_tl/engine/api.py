@@ -40,13 +40,19 @@ from explaind_tl.engine import distributed
 from explaind_tl.engine.assemble import finish, sweep_facts
 from explaind_tl.engine.certify import Certifier
 from explaind_tl.engine.options import QUERY_GRADS, UNSET, ExplainOptions
-from explaind_tl.engine.plan import default_query_chunk, make_plan, normalize_queries, probe_outputs
+from explaind_tl.engine.plan import (
+    check_lm_queries,
+    default_query_chunk,
+    make_plan,
+    normalize_queries,
+    probe_outputs,
+)
 from explaind_tl.engine.realized import run_realized
 from explaind_tl.engine.resume import Resume, fingerprint
 from explaind_tl.engine.seen import run_seen
 from explaind_tl.engine.setup import Setup
 from explaind_tl.engine.validate import as_trajectory, check_arguments, check_flag
-from explaind_tl.metrics import resolve_metric
+from explaind_tl.metrics import LM_METRICS, read_positions, resolve_metric
 from explaind_tl.model.components import ComponentMap
 from explaind_tl.run.step import torch_threads
 
@@ -61,7 +67,7 @@ def explain(
     tol: float = UNSET,
     steps: tuple[int, int] | None = None,
     step_bins: int | None = None,
-    position: int = -1,
+    position: Any = None,
     nodes: int = UNSET,
     max_nodes: int = UNSET,
     kink_aware: bool | str = UNSET,
@@ -97,7 +103,8 @@ def explain(
             ``datasets.Dataset`` with a ``"tokens"`` column and ``"label"`` where the metric needs
             it (``"alt_label"`` for ``"logit_diff"``).
         metric: ``"correct_logit"``, ``"correct_logprob"``, ``"loss"``, ``"logit_diff"``,
-            ``"logits"`` or a callable ``(logits, batch) -> [Q]`` or ``[Q, O]``.
+            ``"logits"``, ``"next_token_logprob"``, ``"next_token_loss"`` or a callable
+            ``(logits, batch) -> [Q]`` or ``[Q, O]``.
         by: axes to keep, any subset of ``("step", "component", "source", "query", "output",
             "train")``; every other axis is summed. ``"train"`` switches to the seen clock
             (example seen at step ``k``) and the adjoint recursion; it cannot be combined with
@@ -112,8 +119,12 @@ def explain(
             logit magnitude at the step's ends); failing steps get more nodes, up to ``max_nodes``.
         steps: window ``(a, b)``: explain ``q(w_b) - q(w_a)``; default the whole run.
         step_bins: width of step bins (``None``: one bin per step); needs ``"step"`` in ``by``.
-        position: token position the built-in metrics read (last by default); an int in
-            ``[-pos, pos)`` of the ``[Q, pos]`` query tokens.
+        position: token position(s) the built-in metrics read. Classifier metrics: an int in
+            ``[-pos, pos)`` of the ``[Q, pos]`` query tokens (default: the last). Next-token
+            metrics (``"next_token_logprob"``, ``"next_token_loss"``: the label is the query's
+            own next token): an int, a slice, a list of ints or ``"all"`` (the default: every
+            position that has a next token), averaged per query; a ``"loss_mask"`` ``[Q, pos]``
+            bool column in the queries restricts them per query to the marked predicted tokens.
         nodes: Gauss–Legendre nodes per smooth piece to start a step with.
         adaptive_nodes: after a step met its certificate at its starting count with a 10x margin,
             start the next with half as many nodes (down to 1); after a step that needed
@@ -295,7 +306,13 @@ def prepare(trajectory, queries, metric, by, components, reduce, steps, step_bin
             )
         opts = opts.replace(dtype=dtype)
     metric_fn, needs_label = resolve_metric(metric, position)
-    batch = normalize_queries(queries, model, needs_label, position=None if callable(metric) else position)
+    lm = isinstance(metric, str) and metric in LM_METRICS
+    one = None if callable(metric) or lm else (-1 if position is None else position)
+    batch = normalize_queries(queries, model, needs_label, position=one)
+    if lm:  # the positions each query is scored at, checked against the queries now
+        position = read_positions(position, check_lm_queries(batch, metric))
+    else:
+        position = one
 
     # ------------------------------------------------ plan: rows, axes, components, chunks
     cmap = None
@@ -328,7 +345,7 @@ def prepare(trajectory, queries, metric, by, components, reduce, steps, step_bin
         "dtype": str(opts.dtype),
         "position": position,
     }
-    return Job(trajectory, batch, metric_fn, plan, cmap, opts, device, None if callable(metric) else position, directional, config)
+    return Job(trajectory, batch, metric_fn, plan, cmap, opts, device, position, directional, config)
 
 
 def run_shard(job: Job, shard: distributed.Shard | None, progress: bool, resume_dir: str | Path | None) -> dict:

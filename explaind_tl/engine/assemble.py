@@ -38,6 +38,7 @@ def sweep_facts(ctx: Setup) -> dict:
         "readout_error": ctx.readout_error,
         "replay_mismatch": dict(ctx.traj.replay_mismatch),
         "device": str(ctx.device),
+        "position": list(ctx.position) if isinstance(ctx.position, (list, tuple)) else ctx.position,
     }
 
 
@@ -105,6 +106,7 @@ def finish(
         "nodes": options.nodes,
         "max_nodes": options.max_nodes,
         "adaptive_nodes": options.adaptive_nodes,
+        "position": facts.get("position"),
         "kink_aware": facts["kink_aware"],
         "forward": facts["forward"],
         "query_grads": facts["query_grads"],

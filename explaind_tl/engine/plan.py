@@ -17,6 +17,7 @@ from torch import Tensor
 
 from explaind_tl.axes import PSEUDO, SOURCES
 from explaind_tl.errors import QueryError
+from explaind_tl.metrics import LOSS_MASK
 from explaind_tl.model.functional import model_input
 
 
@@ -113,6 +114,28 @@ def normalize_queries(
             if key in batch and d_out is not None and (batch[key].min() < 0 or batch[key].max() >= d_out):
                 raise QueryError(f"query {key} out of range [0, {d_out}): [{int(batch[key].min())}, {int(batch[key].max())}]")
     return batch
+
+
+def check_lm_queries(batch: dict[str, Tensor], metric: str) -> int:
+    """Queries for a next-token metric: ``[Q, pos]`` tokens with ``pos >= 2`` and, if present, a
+    ``"loss_mask"`` ``[Q, pos]`` bool column marking at least one predicted token per query.
+    Returns ``pos``.
+
+    Raises:
+        QueryError: naming what is wrong.
+    """
+    tok = batch.get("tokens")
+    if tok is None or tok.ndim != 2 or tok.shape[1] < 2:
+        shape = None if tok is None else tuple(tok.shape)
+        raise QueryError(f"{metric} needs 'tokens' [query, pos] with pos >= 2 (a token and its successor), got {shape}")
+    mask = batch.get(LOSS_MASK)
+    if mask is not None:
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(tok.shape):
+            raise QueryError(f"queries' {LOSS_MASK!r} must be bool {tuple(tok.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        empty = torch.nonzero(~mask[:, 1:].any(1)).flatten()
+        if len(empty):
+            raise QueryError(f"queries {empty[:5].tolist()} have no predicted token marked in {LOSS_MASK!r}")
+    return tok.shape[1]
 
 
 def take(batch: dict[str, Tensor], idx: Tensor | slice) -> dict[str, Tensor]:

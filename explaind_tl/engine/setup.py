@@ -72,8 +72,10 @@ class Setup:
         self.layout = ParamLayout(tuple(self.names), tuple(params0[n].shape for n in self.names))
         self.layout_shapes = dict(zip(self.layout.names, self.layout.shapes))
         self.fast_forward = options.fast_forward
+        self.position = position
         self.qf = QueryFunction(
-            model, self.names, metric_fn, dtype=dtype, device=device, position=position if options.fast_forward else None
+            model, self.names, metric_fn, dtype=dtype, device=device,
+            position=position if options.fast_forward and isinstance(position, int) else None,  # read-out: one position
         )
         # the read-out forward is checked against TransformerLens on the queries before use
         self.readout_error = None

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from explaind_tl.axes import AXES
+from explaind_tl.metrics import check_position
 from explaind_tl.model.components import GRANULARITIES, ComponentMap
 from explaind_tl.run.trajectory import Trajectory
 
@@ -111,7 +112,7 @@ def check_arguments(
     progress: Any,
     strict: Any,
     resume_dir: Any,
-) -> tuple[tuple[str, ...], tuple[int, int] | None, int | None, int]:
+) -> tuple[tuple[str, ...], tuple[int, int] | None, int | None, Any]:
     """Check what an explain call asks for; returns ``(by, steps, step_bins, position)`` normalized."""
     by = check_by(by)
     if not (isinstance(metric, str) or callable(metric)):
@@ -131,7 +132,7 @@ def check_arguments(
         step_bins = check_int("step_bins", step_bins, minimum=1)
         if "step" not in by:
             raise ValueError(f"step_bins={step_bins} bins the step axis, but 'step' is not in by={by}")
-    position = check_int("position", position)
+    position = check_position(metric, position)
     if device is not None:
         if not isinstance(device, (str, torch.device)):
             raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")

@@ -286,8 +286,9 @@ class QueryFunction:
             for h in handles:
                 h.remove()
 
-    def relevant_units(self, n_pos: int, position: int | None) -> Tensor | None:
-        """Which flattened ReLU units can influence a metric read at ``position``.
+    def relevant_units(self, n_pos: int, position: int | list[int] | None) -> Tensor | None:
+        """Which flattened ReLU units can influence a metric read at ``position`` (or at any of
+        several positions).
 
         In a causal HookedTransformer, MLP units at positions after the read-out position never
         reach it, and in the last layer only the read-out position itself does. Kinks of the
@@ -298,7 +299,12 @@ class QueryFunction:
             return None
         if getattr(self.model.cfg, "attention_dir", "causal") != "causal":
             return None
-        return readout_units(self.model.cfg, n_pos, position)
+        if isinstance(position, int):
+            return readout_units(self.model.cfg, n_pos, position)
+        out = readout_units(self.model.cfg, n_pos, position[0])
+        for p in position[1:]:
+            out = out | readout_units(self.model.cfg, n_pos, p)
+        return out
 
     def values_and_preacts(
         self, params: Params, batch: dict[str, Tensor], cert: bool = True, scale: list[Tensor] | None = None
