@@ -5,7 +5,11 @@ Sub-commands:
 * ``explaind-tl grokking [--config default|nanda|tiny] [--out DIR] [--seed N] [--no-explain]
   [--queries N]`` — train a modular-addition model until it groks, explain the run with
   ExPLAIND and write a report directory (``report.md``, figures, CSVs, attributions).
-* ``explaind-tl report DIR`` — rewrite ``report.md`` and the figures of an existing study.
+* ``explaind-tl induction [--config default|tiny] [--out DIR] [--seed N] [--no-explain]
+  [--threads N] [--quiet]`` — train a 2-layer attention-only model through the induction phase
+  change on generated sequences, explain it per step x head and per training sequence, and write
+  a report directory.
+* ``explaind-tl report DIR`` — rewrite ``report.md`` and the figures of an existing grokking study.
 * ``explaind-tl migrate PATH [PATH ...]`` — convert run directories (or explain resume
   directories) written before format version 2, in place; only for directories you trust
   (same as ``python -m explaind_tl.run.migrate PATH``).
@@ -29,6 +33,11 @@ _PRESETS = {
     "nanda": "Nanda et al. 2023: p=113, 30%% train, d_model 128, 25k steps "
     "(opt-in; ~6x default per step, ~2 h of training on one CPU core)",
     "tiny": "p=11, d_model 24, 100 steps (seconds; for tests)",
+}
+_INDUCTION_PRESETS = {
+    "default": "2 layers, attention only, d_model 64, 4 heads, context 32, 100k sequences (75%% with a copied "
+    "segment), 2,000 steps (training ~40 s; the whole study ~5 min on 2 CPU cores)",
+    "tiny": "d_model 16, 2 heads, context 16, 40 steps (seconds; for tests; no induction heads form)",
 }
 
 
@@ -71,7 +80,24 @@ def _parser() -> argparse.ArgumentParser:
         "run single-threaded so that replay is exact",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    r = sub.add_parser("report", help="rewrite report.md and figures of an existing study directory")
+    i = sub.add_parser(
+        "induction",
+        help="train a 2-layer attention-only model through the induction phase change, explain it, write a report",
+        description="Train a 2-layer attention-only transformer with the trajectory recorder on generated "
+        "sequences (random segments copied to random later offsets, mixed with bigram sequences) through the "
+        "induction phase change; measure previous-token, induction and ICL scores over training; explain the "
+        "in-context log-prob and the ICL score per step x head and per training sequence; write a report.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(f"  {k:8s} {v}" for k, v in _INDUCTION_PRESETS.items()).replace("%%", "%"),
+    )
+    i.add_argument("--config", default="default", choices=sorted(_INDUCTION_PRESETS), help="preset (default: default)")
+    i.add_argument("--out", default=None, help="report directory (default: runs/induction-<config>)")
+    i.add_argument("--seed", type=int, default=None, help="seed of the model and the data (default: the preset's)")
+    i.add_argument("--no-explain", action="store_true", help="train and measure only")
+    i.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of the analyses (recorded steps always run single-threaded)")
+    i.add_argument("--quiet", action="store_true", help="no progress bars")
+    r = sub.add_parser("report", help="rewrite report.md and figures of an existing grokking study directory")
     r.add_argument("out", help="study directory")
     m = sub.add_parser(
         "migrate",
@@ -130,6 +156,31 @@ def _grokking(args: argparse.Namespace) -> int:
     return 0
 
 
+def _induction(args: argparse.Namespace) -> int:
+    import torch
+
+    from analyses.induction.pipeline import run_study
+    from analyses.induction.task import get_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = get_config(args.config)
+    if args.seed is not None:
+        cfg = cfg.replace(seed=args.seed)
+    out = Path(args.out or f"runs/induction-{args.config}")
+    print(f"explaind-tl induction: config {cfg.name}; report directory: {out}", flush=True)
+    t0 = time.perf_counter()
+    summary = run_study(cfg, out, progress=not args.quiet, explain=not args.no_explain)
+    print("\nsummary")
+    print(_summary_table({k: v for k, v in summary.items() if k != "config"}))
+    for name, e in summary.get("explain", {}).items():
+        print(f"  explain {name:<8}  {e['seconds']:.1f} s ({e['ratio_to_training']:.2f}x training), "
+              f"certificate {'ok' if e['certificate_ok'] else 'FAILED'}")
+    print(f"  {'wall time':<20}  {time.perf_counter() - t0:.0f} s")
+    print(f"\nreport: {out / 'report.md'}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from analyses.grokking.report import write_report
 
@@ -144,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "grokking":
         return _grokking(args)
+    if args.command == "induction":
+        return _induction(args)
     if args.command == "report":
         return _report(args)
     if args.command == "migrate":

@@ -7,7 +7,7 @@ them; depends on nothing.
 from __future__ import annotations
 
 # every axis explain can keep (by=...), in canonical order
-AXES = ("step", "component", "source", "query", "output", "train")
+AXES = ("step", "component", "source", "query", "output", "position", "train")
 # the pieces of an update (the "source" axis)
 SOURCES = ("data", "history", "weight_decay", "regularization", "update_residual")
 # the sources other than data: on the "train" axis they follow the training examples as

@@ -87,6 +87,16 @@ def next_token_logprob(logits: Tensor, batch: dict, position: Position | None = 
     return (got * mask).sum(1) / mask.sum(1)
 
 
+def next_token_logprob_by_position(logits: Tensor, batch: dict, position: Position | None = None) -> Float[Tensor, "query position"]:
+    """Each read position's share of :func:`next_token_logprob`: ``[Q, k]`` entries that add up
+    to it (``log P / k``, or with a ``"loss_mask"`` ``mask · log P / Σ mask``, 0 where unmarked).
+    What ``by=(..., "position")`` keeps."""
+    got, mask = _next_token_logprobs(logits, batch, position)
+    if mask is None:
+        return got / got.shape[1]
+    return got * mask / mask.sum(1, keepdim=True)
+
+
 def next_token_loss(logits: Tensor, batch: dict, position: Position | None = None) -> Float[Tensor, "query"]:
     """Mean next-token cross-entropy at the read positions (``-next_token_logprob``)."""
     return -next_token_logprob(logits, batch, position)
@@ -165,15 +175,30 @@ def check_position(metric: Any, position: Any) -> Position | None:
     return position
 
 
-def resolve_metric(metric: str | MetricFn, position: Position | None = -1) -> tuple[MetricFn, bool]:
+def resolve_metric(metric: str | MetricFn, position: Position | None = -1, by_position: bool = False) -> tuple[MetricFn, bool]:
     """Turn a metric name or callable into ``fn(logits, batch)``.
 
     ``position``: the classifier metrics' read position (an int; ``None``: -1), or the next-token
-    metrics' positions (any :data:`Position`; ``None``: all).
+    metrics' positions (any :data:`Position`; ``None``: all). ``by_position``: a next-token
+    metric returns each position's share ``[Q, k]`` instead of the mean ``[Q]`` (negated for
+    ``next_token_loss``).
 
     Returns:
         ``(fn, needs_label)``.
+
+    Raises:
+        ValueError: ``by_position`` with a metric that is not a next-token one.
     """
+    if by_position:
+        if metric not in LM_METRICS:
+            raise ValueError(f"by=(..., 'position') needs a next-token metric {LM_METRICS}, got {metric!r}")
+        sign = -1.0 if metric == "next_token_loss" else 1.0
+
+        def shares(logits: Tensor, batch: dict) -> Tensor:
+            return sign * next_token_logprob_by_position(logits, batch, position)
+
+        shares.__name__ = metric
+        return shares, False
     table = {
         "next_token_logprob": (next_token_logprob, False),
         "next_token_loss": (next_token_loss, False),

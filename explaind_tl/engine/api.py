@@ -106,7 +106,9 @@ def explain(
             ``"logits"``, ``"next_token_logprob"``, ``"next_token_loss"`` or a callable
             ``(logits, batch) -> [Q]`` or ``[Q, O]``.
         by: axes to keep, any subset of ``("step", "component", "source", "query", "output",
-            "train")``; every other axis is summed. ``"train"`` switches to the seen clock
+            "position", "train")``; every other axis is summed. ``"position"`` (next-token
+            metrics only) keeps each read position's share of the per-query mean (coords: the
+            positions; the shares add up to the averaged metric). ``"train"`` switches to the seen clock
             (example seen at step ``k``) and the adjoint recursion; it cannot be combined with
             ``"source"`` (its pseudo-entries already carry that split). ``by=()`` sums everything:
             a 0-d Attribution holding the total.
@@ -305,7 +307,7 @@ def prepare(trajectory, queries, metric, by, components, reduce, steps, step_bin
                 "gradients: pass dtype=torch.float32 or torch.float64"
             )
         opts = opts.replace(dtype=dtype)
-    metric_fn, needs_label = resolve_metric(metric, position)
+    metric_fn, needs_label = resolve_metric(metric, position, by_position="position" in by)
     lm = isinstance(metric, str) and metric in LM_METRICS
     one = None if callable(metric) or lm else (-1 if position is None else position)
     batch = normalize_queries(queries, model, needs_label, position=one)
@@ -325,6 +327,7 @@ def prepare(trajectory, queries, metric, by, components, reduce, steps, step_bin
     plan = make_plan(
         by, int(next(iter(batch.values())).shape[0]), probe_outputs(model, metric_fn, batch), reduce, (a, b),
         step_bins, list(cmap.labels) if cmap is not None else None, trajectory.num_train,
+        output_labels=list(position) if "position" in by else None,
     )
     n_tangents = len(plan.x_labels) * (len(cmap.labels) if cmap is not None else 1)
     directional = plan.clock == "realized" and plan.resolve_query and n_tangents <= QUERY_GRADS[opts.query_grads]

@@ -196,7 +196,7 @@ def assemble_values(acc: Tensor, plan: Plan) -> tuple[Tensor, tuple[str, ...], d
         if not keep[internal[i]]:
             full = full.sum(i)
     kept = [d for d in internal if keep[d]]
-    names = [x_dim if d == "x" else d for d in kept]
+    names = [x_dim if d == "x" else (plan.output_name if d == "output" else d) for d in kept]
     order = (["component"] if "component" in names else []) + [d for d in plan.by if d != "component"]
     order = [d for d in order if d in names]
     values = (full.permute(*[names.index(d) for d in order]) if order else full).contiguous()
@@ -211,6 +211,6 @@ def assemble_values(acc: Tensor, plan: Plan) -> tuple[Tensor, tuple[str, ...], d
             coords[d] = list(plan.x_labels)
         elif d == "query":
             coords[d] = list(range(plan.n_query))
-        elif d == "output":
-            coords[d] = list(range(plan.n_output))
+        elif d in ("output", "position"):
+            coords[d] = list(plan.output_labels) if plan.output_labels is not None else list(range(plan.n_output))
     return values, tuple(order), coords

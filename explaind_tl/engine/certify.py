@@ -69,13 +69,15 @@ class Certifier:
         # per step, the bound its residual was compared against ([rows], summed over chunks)
         self.step_bound: dict[int, Tensor] = {}
 
-    def endpoint(self, params: Params, step: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    def endpoint(self, params: Params, step: int | None = None, measured: tuple | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
         """Metric values ``[Q, O]`` (float64), ReLU pre-activations and each query's largest logit
         magnitude ``[Q]`` (the certificate's measurement floor) at a trajectory point.
 
         Values at the window's ends are kept (``self.ends``) for the total certificate.
+        ``measured``: what :meth:`measure` returned for ``params`` (computed elsewhere, e.g. on
+        the replay thread), used instead of measuring again.
         """
-        out = self._endpoint(params)
+        out = self._endpoint(params) if measured is None else measured
         if step is not None and step in self.ctx.plan.window:
             self.ends[step] = out[0]
         if step is not None and (step in self.ctx.plan.window or step in self.ctx.checkpoints) and self.ctx.qf.readout is not None:
@@ -86,6 +88,18 @@ class Certifier:
                 err = self.ctx.qf.check_readout(self.ctx.batch["tokens"][idx], p, strict=True)
                 self.ctx.note_readout_error(err)
         return out
+
+    def measures_in_background(self) -> bool:
+        """Whether :meth:`measure` may run on another thread while this one takes gradients: the
+        float64 forwards then use a model object of their own (the certificate's copy, distinct
+        from the working-dtype one) and TransformerLens's forward (the read-out path compares
+        itself with TransformerLens at checkpoints, on the same object)."""
+        qf = self.ctx.qf
+        return qf.readout is None and qf.cert_model is not qf.model
+
+    def measure(self, params: Params) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The certificate's forwards at ``params`` (no bookkeeping; see :meth:`endpoint`)."""
+        return self._endpoint(params)
 
     def _endpoint(self, params: Params) -> tuple[Tensor, Tensor | None, Tensor]:
         p = self.ctx.to_cert(params)

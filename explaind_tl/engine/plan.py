@@ -160,6 +160,8 @@ class Plan:
     component_labels: list[str] | None
     x_labels: list[Any]  # source or train coords ([None] when summed)
     clock: str  # "realized" | "seen"
+    output_name: str = "output"  # the metric's outputs are "position"s for by=(..., "position")
+    output_labels: list[Any] | None = None  # their coords (default range(n_output))
 
     @property
     def rows_per_query(self) -> int:
@@ -195,6 +197,7 @@ def make_plan(
     step_bins: int | None,
     component_labels: list[str] | None,
     num_train: int,
+    output_labels: list[Any] | None = None,
 ) -> Plan:
     """The :class:`Plan` of a call keeping the axes ``by`` over the steps ``window``."""
     a, b = window
@@ -213,7 +216,7 @@ def make_plan(
     return Plan(
         by=by,
         resolve_query="query" in by,
-        resolve_output="output" in by,
+        resolve_output="output" in by or "position" in by,
         n_query=n_query,
         n_output=n_output,
         weights=weights,
@@ -223,6 +226,8 @@ def make_plan(
         component_labels=component_labels,
         x_labels=x_labels,
         clock=clock,
+        output_name="position" if "position" in by else "output",
+        output_labels=output_labels,
     )
 
 

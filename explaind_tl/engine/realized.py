@@ -36,12 +36,15 @@ def run_realized(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resum
         H, Rb = state["H"], state["Rb"]
         cert.restore(state)
     bar = prefetch.progress_bar(progress, total=b - a, initial=start - a, desc="explain (step x component)")
-    for seg in prefetch.prefetched(ctx.traj.segments(start, b), ctx.prefetch):
-        for rec in seg:
+    # with a background replay, the certificate's forwards at w_{s+1} run on that thread too
+    measure = (lambda seg: [cert.measure(r.next_params) for r in seg]) if ctx.prefetch and cert.measures_in_background() else None
+    for item in prefetch.prefetched(ctx.traj.segments(start, b), ctx.prefetch, measure):
+        seg, measured = item if measure is not None else (item, None)
+        for i, rec in enumerate(seg):
             s = rec.step
             if q0 is None:
                 q0 = cert.endpoint(rec.params, s)
-            q1 = cert.endpoint(rec.next_params, s + 1)
+            q1 = cert.endpoint(rec.next_params, s + 1, measured=None if measured is None else measured[i])
             vectors = realized_vectors(ctx, rec, want_sources, H, Rb)
             if want_sources:
                 vectors, H, Rb = vectors

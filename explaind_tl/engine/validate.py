@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from explaind_tl.axes import AXES
-from explaind_tl.metrics import check_position
+from explaind_tl.metrics import LM_METRICS, check_position
 from explaind_tl.model.components import GRANULARITIES, ComponentMap
 from explaind_tl.run.trajectory import Trajectory
 
@@ -97,6 +97,8 @@ def check_by(by: Any) -> tuple[str, ...]:
         raise ValueError(f"repeated axes in by={by}")
     if "train" in by and "source" in by:
         raise ValueError("by='train' already carries the source split (pseudo-entries); drop 'source'")
+    if "position" in by and "output" in by:
+        raise ValueError("a next-token metric has one output per position: keep 'position' or 'output', not both")
     return by
 
 
@@ -117,6 +119,11 @@ def check_arguments(
     by = check_by(by)
     if not (isinstance(metric, str) or callable(metric)):
         raise TypeError(f"metric must be a metric name or a callable, got {type(metric).__name__}")
+    if "position" in by and not (isinstance(metric, str) and metric in LM_METRICS):
+        raise ValueError(
+            f"by=(..., 'position') keeps the read positions of a next-token metric {LM_METRICS}; got metric="
+            f"{metric if isinstance(metric, str) else 'a callable'} (a callable can return [Q, positions] and use 'output')"
+        )
     if components is not None and not isinstance(components, (str, ComponentMap)):
         raise TypeError(
             f"components must be None, a granularity name or a ComponentMap, got {type(components).__name__}"

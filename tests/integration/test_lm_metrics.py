@@ -164,3 +164,28 @@ def test_explain_refuses_bad_lm_queries(run):
         explain(run, {"tokens": tokens}, metric="correct_logprob", position=[0, 1], progress=False)
     with pytest.raises(QueryError, match="pos >= 2"):
         explain(run, {"tokens": tokens[:, :1]}, metric="next_token_logprob", progress=False)
+
+
+def test_position_axis_keeps_each_positions_share(run):
+    tokens = sequences(5, seed=4)
+    cols = [2, 4, 5, 6]
+    # one fixed rule for every call (no refinement choices), so they agree to rounding, not to tol
+    rule = dict(nodes=8, max_nodes=8, adaptive_nodes=False, progress=False)
+    kw = dict(position=cols, **rule)
+    mean = explain(run, {"tokens": tokens}, metric="next_token_logprob", by=("step", "query"), **kw)
+    per = explain(run, {"tokens": tokens}, metric="next_token_logprob", by=("step", "query", "position"), **kw)
+    assert per.dims == ("step", "query", "position") and per.coords["position"] == cols
+    assert per.completeness.ok
+    assert_close_scaled(per.values.sum(-1), mean.values, 1e-10)  # the shares add up to the mean
+    # each position's entry against a callable reading that position alone, divided by k
+    for j, p in enumerate(cols):
+        one = explain(run, {"tokens": tokens}, by=("step", "query"), **rule,
+                      metric=lambda logits, batch, p=p: torch.log_softmax(logits[:, p], -1).gather(
+                          1, batch["tokens"][:, p + 1: p + 2])[:, 0] / len(cols))
+        assert_close_scaled(per.values[..., j], one.values, 1e-10, scale=float(per.values.abs().max()))
+    loss = explain(run, {"tokens": tokens}, metric="next_token_loss", by=("position",), **kw)
+    assert_close_scaled(loss.values, -per.values.sum((0, 1)), 1e-10)
+    with pytest.raises(ValueError, match="next-token metric"):
+        explain(run, {"tokens": tokens}, metric="correct_logprob", by=("position",), progress=False)
+    with pytest.raises(ValueError, match="'position' or 'output'"):
+        explain(run, {"tokens": tokens}, metric="next_token_logprob", by=("position", "output"), progress=False)
