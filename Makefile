@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow notebooks bench lint setup clean
+.PHONY: demo induction test test-slow notebooks bench lint setup clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/explaind-tl grokking
+
+# the second study: induction heads in a 2-layer attention-only model (~6 min on 2 cores)
+induction: $(STAMP)
+	$(VENV)/bin/explaind-tl induction
 
 test: $(STAMP)
 	$(PY) -m pytest -q

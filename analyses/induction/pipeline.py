@@ -5,9 +5,9 @@
 * ``run/`` — the recorded trajectory; ``metrics.csv`` — per logged step: the training loss,
   held-out losses (all, repeat, bigram, copied tokens), the ICL score, and each head's
   previous-token and induction scores;
-* ``attr_logprob.safetensors`` — step x head attribution of the mean in-context log-prob (the
-  copied tokens of held-out repeat sequences, ``metric="next_token_logprob"`` with their
-  ``loss_mask``) over the whole run; ``attr_icl.safetensors`` — the same for the ICL score
+* ``attr_logprob.safetensors`` — step x head x source attribution of the mean in-context
+  log-prob (the copied tokens of held-out repeat sequences, ``metric="next_token_logprob"``
+  with their ``loss_mask``) over the whole run; ``attr_icl.safetensors`` — the same for the ICL score
   (late minus early loss on held-out mixture sequences; a callable metric);
 * ``attr_train.safetensors`` — training sequence x head attribution of the in-context log-prob
   over the phase-change window (the seen clock: each sequence's batches in the window);
@@ -125,7 +125,8 @@ def run_study(cfg: InductionConfig, out_dir: str | Path, *, progress: bool = Tru
         icl_q = {"tokens": ev["tokens"][: cfg.n_queries]}
         head = dict(components="head", reduce="mean", progress=progress)
         calls = {
-            "logprob": lambda: explain_run(traj, q, metric="next_token_logprob", by=("step", "component"), **head),
+            "logprob": lambda: explain_run(traj, q, metric="next_token_logprob", by=("step", "component", "source"),
+                                           **head),
             "icl": lambda: explain_run(traj, icl_q, metric=icl_metric, by=("step", "component"), **head),
             "train": lambda: explain_run(traj, q, metric="next_token_logprob", by=("train", "component"),
                                          steps=window, **head),

@@ -37,6 +37,7 @@ def _spearman(x: list[float], y: list[float]) -> float:
 def head_table(attr, metrics, window: tuple[int, int]) -> list[dict[str, Any]]:
     """Per head: attribution of the in-context log-prob in the window and over the run, and the
     final previous-token and induction scores; sorted by |window attribution|."""
+    attr = attr.keep("component", "step")
     heads = [c for c in attr.coords["component"] if c.startswith("L") and "H" in c and "." not in c]
     steps = list(attr.coords["step"])
     in_win = [s for s in steps if window[0] <= s < window[1]]
@@ -82,6 +83,7 @@ def _figures(out: Path, metrics, attr) -> list[str]:
     plt.close(fig)
     names.append("curves.png")
     if attr is not None:
+        attr = attr.keep("component", "step")
         heads = [c for c in attr.coords["component"] if "H" in c and "." not in c]
         plot_component_heatmap(attr.sel(component=heads), out / "heatmap_logprob.png",
                                title="in-context log-prob: attribution per head and step")
@@ -159,9 +161,29 @@ def write_report(out: str | Path, summary: dict, metrics, train_set: dict) -> Pa
         rho_prev = _spearman([abs(r["window"]) for r in rows], [r["previous_token"] for r in rows])
         lines += ["", f"Spearman correlation of |window attribution| with the final induction score: "
                   f"{rho_ind:.2f}; with the previous-token score: {rho_prev:.2f} (over {len(rows)} heads).", ""]
+        if "source" in lp.dims:
+            lines += _sources(lp, [r["head"] for r in rows], window)
         lines += _top_sequences(out, rows[0]["head"], train_set, cfg["top_k"])
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _sources(attr, heads: list[str], window: tuple[int, int]) -> list[str]:
+    """Per head, the window's attribution split by the source of the updates."""
+    in_win = [s for s in attr.coords["step"] if window[0] <= s < window[1]]
+    if not in_win:
+        return []
+    win = attr.sel(step=in_win).keep("component", "source")
+    sources = list(win.coords["source"])
+    lines = ["### Where the window's attribution comes from", "",
+             "Per head, the in-context log-prob change of the window split by the piece of the AdamW updates "
+             "it came from (`data`: this window's batch gradients; `history`: momentum carried in from "
+             "before the window; `weight_decay`; `update_residual`: floating-point gap of the update's "
+             "reconstruction).", "", "| head | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+    for h in heads:
+        vals = win.sel(component=h).values
+        lines.append(f"| {h} | " + " | ".join(f"{float(v):+.4f}" for v in vals) + " |")
+    return lines + [""]
 
 
 def _top_sequences(out: Path, head: str, train_set: dict, k: int) -> list[str]:

@@ -95,14 +95,16 @@ def test_tiny_study_end_to_end_through_the_command_line(tmp_path, capsys):
         assert e["certificate_ok"], name
         assert abs(e["total"] - e["measured"]) <= 1e-4 * max(abs(e["measured"]), 1e-3), name
     lp = Attribution.load(out / "attr_logprob.safetensors")
-    assert lp.dims == ("component", "step") and "L1H0" in lp.coords["component"]
+    assert lp.dims == ("component", "step", "source") and "L1H0" in lp.coords["component"]
+    assert "data" in lp.coords["source"] and "history" in lp.coords["source"]
     assert len(lp.coords["step"]) == summary["num_steps"]
     tr = Attribution.load(out / "attr_train.safetensors")
     assert tr.dims == ("component", "train")
     a, b = summary["window"]
     assert 0 <= a < b <= summary["num_steps"]
     report = (out / "report.md").read_text()
-    for section in ("## Progress measures", "## ExPLAIND", "### Heads", "### Training sequences"):
+    for section in ("## Progress measures", "## ExPLAIND", "### Heads", "### Where the window's attribution",
+                    "### Training sequences"):
         assert section in report
     for fig in ("curves.png", "heatmap_logprob.png", "cumulative_logprob.png"):
         assert (out / fig).stat().st_size > 1000 and f"({fig})" in report
