@@ -9,6 +9,10 @@ Sub-commands:
   [--threads N] [--quiet]`` — train a 2-layer attention-only model through the induction phase
   change on generated sequences, explain it per step x head and per training sequence, and write
   a report directory.
+* ``explaind-tl faithfulness --study grokking|induction [--config tiny|default] [--out DIR]
+  [--subsets M] [--drops 0.5,0.05] [--steps N] [--queries N]`` — the linear datamodeling score
+  of ExPLAIND's train axis, TracIn and the final gradient dot against retraining on random
+  subsets.
 * ``explaind-tl report DIR`` — rewrite ``report.md`` and the figures of an existing grokking study.
 * ``explaind-tl migrate PATH [PATH ...]`` — convert run directories (or explain resume
   directories) written before format version 2, in place; only for directories you trust
@@ -97,6 +101,23 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of the analyses (recorded steps always run single-threaded)")
     i.add_argument("--quiet", action="store_true", help="no progress bars")
+    f = sub.add_parser(
+        "faithfulness",
+        help="linear datamodeling score of training-example attributions (retraining on random subsets)",
+        description="Record a study's run, score every training example for each query with ExPLAIND's train "
+        "axis, TracIn and the final gradient dot, retrain on random subsets (the recorded batches minus the "
+        "left-out examples) and report the linear datamodeling score of each method. Retraining dominates the "
+        "cost: subsets x drop fractions runs of the whole training (use --steps / --subsets to trade).",
+    )
+    f.add_argument("--study", required=True, choices=["grokking", "induction"])
+    f.add_argument("--config", default="tiny", choices=["tiny", "default"], help="the study's preset (default: tiny)")
+    f.add_argument("--out", default=None, help="output directory (default: runs/faithfulness-<study>-<config>)")
+    f.add_argument("--subsets", type=int, default=64, help="random subsets per drop fraction (default 64)")
+    f.add_argument("--drops", default="0.5,0.05", help="drop fractions, comma-separated (default 0.5,0.05)")
+    f.add_argument("--steps", type=int, default=None, help="train this many steps instead of the preset's")
+    f.add_argument("--queries", type=int, default=None, help="held-out queries (default 16)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the subsets")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
     r = sub.add_parser("report", help="rewrite report.md and figures of an existing grokking study directory")
     r.add_argument("out", help="study directory")
     m = sub.add_parser(
@@ -181,6 +202,28 @@ def _induction(args: argparse.Namespace) -> int:
     return 0
 
 
+def _faithfulness(args: argparse.Namespace) -> int:
+    from analyses.faithfulness.harness import run_faithfulness
+
+    try:
+        drops = tuple(float(x) for x in args.drops.split(","))
+    except ValueError:
+        print(f"--drops must be comma-separated numbers, got {args.drops!r}", file=sys.stderr)
+        return 2
+    if args.subsets < 3 or not all(0 < d < 1 for d in drops):
+        print("--subsets must be >= 3 and every drop fraction in (0, 1)", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/faithfulness-{args.study}-{args.config}")
+    t0 = time.perf_counter()
+    res = run_faithfulness(args.study, args.config, out, subsets=args.subsets, drops=drops, n_queries=args.queries,
+                           steps=args.steps, seed=args.seed, progress=not args.quiet)
+    for frac, block in res["lds_by_fraction"].items():
+        for m, b in block.items():
+            print(f"  drop {frac:<5} {m:<12} LDS {b['mean']:+.3f}  [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}]")
+    print(f"  wall time {time.perf_counter() - t0:.0f} s\nreport: {out / 'report.md'}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from analyses.grokking.report import write_report
 
@@ -197,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         return _grokking(args)
     if args.command == "induction":
         return _induction(args)
+    if args.command == "faithfulness":
+        return _faithfulness(args)
     if args.command == "report":
         return _report(args)
     if args.command == "migrate":

@@ -263,6 +263,72 @@ assert abs(attr.total() - coarse.total()) < 1e-6 * max(1.0, abs(coarse.total()))
     return new_notebook(cells=cells, metadata=_meta())
 
 
+def sequence_models() -> nbformat.NotebookNode:
+    cells = [
+        new_markdown_cell(
+            "# 04 — Sequence models: next-token metrics, read positions and the induction task\n\n"
+            "A 2-layer attention-only model trained on generated sequences in which a random segment "
+            "is copied to a later offset (the task of `explaind-tl induction`, here its `tiny` preset: "
+            "seconds, too short for induction heads to form). The training loss is "
+            "`explaind_tl.losses.next_token_cross_entropy`; the query is the log-prob of each copied "
+            "token (`metric=\"next_token_logprob\"` with the copied positions as the queries' `loss_mask`)."
+        ),
+        new_code_cell(SETUP.replace("from analyses.grokking.task import get_config",
+                                    "from analyses.induction.task import get_config, make_sequences")),
+        new_code_cell(
+            """\
+from explaind_tl.losses import next_token_cross_entropy
+
+cfg = get_config("tiny")
+data = make_sequences(cfg, cfg.n_train, seed=0)
+model = cfg.make_model()
+trajectory = explaind_tl.train(
+    model, cfg.make_optimizer(model), {"tokens": data["tokens"]}, next_token_cross_entropy,
+    steps=cfg.steps, batch_size=cfg.batch_size, run_dir=workdir / "run", checkpoint_every=10, progress=False,
+)
+held_out = make_sequences(cfg, 8, seed=1, repeat_fraction=1.0)
+queries = {"tokens": held_out["tokens"], "loss_mask": held_out["copy_mask"]}
+print(held_out["tokens"][0].tolist())
+print(held_out["copy_mask"][0].int().tolist())"""
+        ),
+        new_markdown_cell(
+            "## Per step and head\n\nThe mean in-context log-prob of the copied tokens, per step and "
+            "attention head; the certificate compares it with the measured change."
+        ),
+        new_code_cell(
+            """\
+%matplotlib inline
+from explaind_tl.plotting import plot_component_heatmap
+
+attr = explaind_tl.explain(trajectory, queries, metric="next_token_logprob", by=("component", "step"),
+                           components="head", reduce="mean", progress=False)
+print(attr.completeness)
+assert attr.completeness.ok
+heads = [c for c in attr.coords["component"] if "H" in c and "." not in c]
+fig = plot_component_heatmap(attr.sel(component=heads), title="copied-token log-prob per head and step")
+display(fig)"""
+        ),
+        new_markdown_cell(
+            "## Per read position\n\n`by=(..., \"position\")` keeps each read position's share of the "
+            "mean (the shares add up to it). `position=` picks the predicting positions: an int, a "
+            "slice, a list or `\"all\"` (the default). Here every token of the second half counts "
+            "(no `loss_mask`)."
+        ),
+        new_code_cell(
+            """\
+tokens_only = {"tokens": held_out["tokens"]}
+per_pos = explaind_tl.explain(trajectory, tokens_only, metric="next_token_logprob", by=("position",),
+                              position=slice(cfg.n_ctx // 2, None), reduce="mean", progress=False)
+mean = explaind_tl.explain(trajectory, tokens_only, metric="next_token_logprob", by=(),
+                           position=slice(cfg.n_ctx // 2, None), reduce="mean", progress=False)
+print(dict(zip(per_pos.coords["position"], [round(float(v), 5) for v in per_pos.values])))
+print(f"sum over positions {per_pos.total():+.6f}   averaged metric {mean.total():+.6f}")
+assert abs(per_pos.total() - mean.total()) < 1e-5 * max(1.0, abs(mean.total()))"""
+        ),
+    ]
+    return new_notebook(cells=cells, metadata=_meta())
+
+
 def _meta() -> dict:
     return {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
@@ -274,6 +340,7 @@ NOTEBOOKS = {
     "01_quickstart.ipynb": quickstart,
     "02_grokking_components.ipynb": grokking_components,
     "03_custom_metric_and_components.ipynb": custom_metric,
+    "04_sequence_models.ipynb": sequence_models,
 }
 
 

@@ -26,7 +26,7 @@ import torch
 from .scores import head_scores, icl_score, icl_slices, repeated_random, token_losses
 from .task import InductionConfig, make_sequences
 
-__all__ = ["icl_metric", "phase_change_window", "run_study"]
+__all__ = ["icl_metric", "phase_change_window", "run_study", "train_run"]
 
 
 def icl_metric(logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -73,13 +73,29 @@ def _log_row(model, step: int, ev: dict, rep: torch.Tensor, early: slice, late: 
     return row
 
 
+def train_run(cfg: InductionConfig, run_dir: Path, data: dict | None = None, model: Any = None, opt: Any = None, *,
+              progress: bool = True, callback: Any = None) -> tuple[Any, dict, float]:
+    """Record ``cfg``'s training run into ``run_dir``: ``(trajectory, training set, seconds)``
+    (the seconds include ``callback``'s evaluations)."""
+    from explaind_tl import train
+    from explaind_tl.losses import next_token_cross_entropy
+
+    data = make_sequences(cfg, cfg.n_train, cfg.seed) if data is None else data
+    model = cfg.make_model() if model is None else model
+    opt = cfg.make_optimizer(model) if opt is None else opt
+    train_set = dict(data)  # tokens, copy_mask, is_repeat, copy_len (the loss reads the tokens)
+    t0 = time.perf_counter()
+    traj = train(model, opt, train_set, next_token_cross_entropy, steps=cfg.steps, batch_size=cfg.batch_size,
+                 seed=cfg.seed, run_dir=run_dir, checkpoint_every=cfg.checkpoint_every, callback=callback,
+                 callback_every=cfg.log_every, progress=progress, overwrite=True)
+    return traj, train_set, time.perf_counter() - t0
+
+
 def run_study(cfg: InductionConfig, out_dir: str | Path, *, progress: bool = True, explain: bool = True) -> dict[str, Any]:
     """Train ``cfg`` with the recorder, measure, explain, and write the report (see module doc)."""
     import pandas as pd
 
     from explaind_tl import explain as explain_run
-    from explaind_tl import train
-    from explaind_tl.losses import next_token_cross_entropy
 
     from .report import write_report
 
@@ -105,12 +121,8 @@ def run_study(cfg: InductionConfig, out_dir: str | Path, *, progress: bool = Tru
         eval_s += time.perf_counter() - t
         return {"copy_loss": rows[-1]["copy_loss"], "icl": rows[-1]["icl_score"]}
 
-    train_set = dict(data)  # tokens, copy_mask, is_repeat, copy_len (the loss reads the tokens)
-    t0 = time.perf_counter()
-    traj = train(model, opt, train_set, next_token_cross_entropy, steps=cfg.steps, batch_size=cfg.batch_size,
-                 seed=cfg.seed, run_dir=out / "run", checkpoint_every=cfg.checkpoint_every, callback=log,
-                 callback_every=cfg.log_every, progress=progress, overwrite=True)
-    train_s = time.perf_counter() - t0 - eval_s
+    traj, train_set, train_s = train_run(cfg, out / "run", data, model, opt, progress=progress, callback=log)
+    train_s -= eval_s
     metrics = pd.DataFrame(rows)
     metrics.to_csv(out / "metrics.csv", index=False)
     window = phase_change_window(metrics["step"].tolist(), metrics["copy_loss"].tolist(), cfg.window_steps,

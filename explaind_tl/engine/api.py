@@ -41,6 +41,7 @@ from explaind_tl.engine.assemble import finish, sweep_facts
 from explaind_tl.engine.certify import Certifier
 from explaind_tl.engine.options import QUERY_GRADS, UNSET, ExplainOptions
 from explaind_tl.engine.plan import (
+    check_lm_mask,
     check_lm_queries,
     default_query_chunk,
     make_plan,
@@ -313,6 +314,7 @@ def prepare(trajectory, queries, metric, by, components, reduce, steps, step_bin
     batch = normalize_queries(queries, model, needs_label, position=one)
     if lm:  # the positions each query is scored at, checked against the queries now
         position = read_positions(position, check_lm_queries(batch, metric))
+        check_lm_mask(batch, position)
     else:
         position = one
 

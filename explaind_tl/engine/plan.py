@@ -138,6 +138,24 @@ def check_lm_queries(batch: dict[str, Tensor], metric: str) -> int:
     return tok.shape[1]
 
 
+def check_lm_mask(batch: dict[str, Tensor], positions: list[int]) -> None:
+    """Every query's ``"loss_mask"`` marks a token predicted from one of the read ``positions``
+    (else its mean would be 0/0).
+
+    Raises:
+        QueryError: naming the queries with none.
+    """
+    mask = batch.get(LOSS_MASK)
+    if mask is None:
+        return
+    empty = torch.nonzero(~mask[:, [p + 1 for p in positions]].any(1)).flatten()
+    if len(empty):
+        raise QueryError(
+            f"queries {empty[:5].tolist()} mark none of the tokens predicted at positions {positions[0]}..{positions[-1]} "
+            f"in {LOSS_MASK!r}: widen position= or drop those queries"
+        )
+
+
 def take(batch: dict[str, Tensor], idx: Tensor | slice) -> dict[str, Tensor]:
     return {k: v[idx] for k, v in batch.items()}
 

@@ -160,6 +160,12 @@ def test_explain_refuses_bad_lm_queries(run):
         explain(run, {"tokens": tokens, "loss_mask": mask}, metric="next_token_logprob", progress=False)
     with pytest.raises(QueryError, match="last position"):
         explain(run, {"tokens": tokens}, metric="next_token_logprob", position=-1, progress=False)
+    early = torch.zeros_like(tokens, dtype=torch.bool)
+    early[:, 1:3] = True
+    early[2, -1] = True
+    with pytest.raises(QueryError, match=r"queries \[0, 1\] mark none of the tokens predicted at positions 4\.\.6"):
+        explain(run, {"tokens": tokens, "loss_mask": early}, metric="next_token_logprob", position=slice(4, None),
+                progress=False)
     with pytest.raises(ValueError, match="reads one position"):
         explain(run, {"tokens": tokens}, metric="correct_logprob", position=[0, 1], progress=False)
     with pytest.raises(QueryError, match="pos >= 2"):

@@ -1,0 +1,141 @@
+"""``explaind-tl faithfulness``: the linear datamodeling score of training-example attributions.
+
+One study's run is recorded (grokking or induction, a preset), each method scores every
+training example for each query (:mod:`.methods`), and ``M`` random subsets per drop fraction
+are retrained from the same initialisation with the same batches minus the left-out examples
+(:func:`explaind_tl.run.retrain.retrain`, the project's one training step). The LDS of each
+method (:mod:`.lds`) goes to ``DIR/faithfulness.json`` and ``DIR/report.md``, with the head
+ablation curves of four rankings (:mod:`.ablation`).
+
+Cost: recording once, scoring (the train-axis explain; TracIn's per-step query gradients), and
+``M x len(drops)`` retrainings of the whole run, which dominate: a retraining costs about one
+recorded run, so the default ``M=64`` with two fractions is 128 training runs. Fewer steps
+(``--steps``) or subsets (``--subsets``) trade precision of the LDS (its interval widens as
+``1/sqrt(M)`` per query) for time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .lds import lds, random_subsets
+from .methods import METHODS, scores
+
+__all__ = ["Study", "prepare_study", "run_faithfulness"]
+
+
+@dataclass
+class Study:
+    """A recorded run and what its queries measure."""
+
+    name: str
+    config: str
+    trajectory: Any
+    queries: dict
+    metric: str
+    position: Any
+    train_seconds: float
+
+
+def prepare_study(study: str, config: str, out: Path, n_queries: int | None, steps: int | None, progress: bool) -> Study:
+    """Record the study's run (``steps`` overrides the preset's length) and pick its queries."""
+    if study == "grokking":
+        from analyses.grokking.task import get_config
+        from analyses.grokking.training import dataset_tensors, train_grokking
+
+        cfg = get_config(config, **({"max_steps": steps, "extra_steps": None} if steps else {}))
+        t0 = time.perf_counter()
+        res = train_grokking(cfg, out / "run", progress=progress)
+        test = dataset_tensors(res.test_data)
+        k = n_queries or 16
+        return Study(study, config, res.trajectory, {n: v[:k] for n, v in test.items()}, "correct_logprob", -1,
+                     time.perf_counter() - t0)
+    if study == "induction":
+        from analyses.induction.pipeline import train_run
+        from analyses.induction.task import get_config, make_sequences
+
+        cfg = get_config(config)
+        if steps:
+            cfg = cfg.replace(steps=steps)
+        traj, _, seconds = train_run(cfg, out / "run", progress=progress)
+        q = make_sequences(cfg, n_queries or 16, cfg.seed + 3, repeat_fraction=1.0)
+        return Study(study, config, traj, {"tokens": q["tokens"], "loss_mask": q["copy_mask"]}, "next_token_logprob",
+                     None, seconds)
+    raise ValueError(f"unknown study {study!r}; choose 'grokking' or 'induction'")
+
+
+@torch.no_grad()
+def query_outputs(traj: Any, params: dict, queries: dict, metric: str, position: Any) -> torch.Tensor:
+    """``[Q]`` metric values of the model with ``params`` (float64)."""
+    from explaind_tl.metrics import resolve_metric
+
+    fn, _ = resolve_metric(metric, position)
+    model = traj.model(0).double()
+    named = dict(model.named_parameters())
+    for k, v in params.items():
+        named[k].copy_(v)
+    v = fn(model(queries["tokens"]), queries)
+    return v.reshape(v.shape[0], -1).sum(1)
+
+
+def run_faithfulness(
+    study: str, config: str, out: str | Path, *, subsets: int = 64, drops: tuple[float, ...] = (0.5, 0.05),
+    methods: tuple[str, ...] = METHODS, n_queries: int | None = None, steps: int | None = None, seed: int = 0,
+    progress: bool = True, ablation: bool = True,
+) -> dict:
+    """Record, score, retrain and measure (see the module docstring); with ``ablation``, also
+    the head-ablation curves of :mod:`.ablation`. Returns the JSON written."""
+    from tqdm.auto import tqdm
+
+    from explaind_tl.run.retrain import retrain
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or subsets < 3 or not drops:
+        raise ValueError(f"methods from {METHODS}, subsets >= 3 and at least one drop fraction (got {methods}, {subsets}, {drops})")
+    st = prepare_study(study, config, out, n_queries, steps, progress)
+    traj = st.trajectory
+    timings: dict[str, float] = {"train": st.train_seconds}
+    method_scores = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        method_scores[m] = scores(m, traj, st.queries, st.metric, st.position)
+        timings[f"score_{m}"] = time.perf_counter() - t0
+    by_fraction: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for j, drop in enumerate(drops):
+        keep = random_subsets(traj.num_train, subsets, drop, seed + 1000 * j)
+        actual = torch.stack([
+            query_outputs(traj, retrain(traj, keep[r]), st.queries, st.metric, st.position)
+            for r in tqdm(range(subsets), desc=f"retrain (drop {drop:g})", disable=not progress)
+        ])
+        by_fraction[f"{drop:g}"] = {m: {**lds(method_scores[m], keep, actual, seed=seed), "drop_fraction": drop}
+                                    for m in methods}
+    timings["retrain"] = time.perf_counter() - t0
+    ablation_block = None
+    if ablation:
+        from .ablation import run_ablation
+
+        t0 = time.perf_counter()
+        ablation_block = run_ablation(traj, st.queries, st.metric, st.position)
+        timings["ablation"] = time.perf_counter() - t0
+    first = f"{drops[0]:g}" if 0.5 not in drops else "0.5"
+    result = {
+        "study": study, "config": config, "num_steps": traj.num_steps, "num_train": traj.num_train,
+        "metric": st.metric, "n_queries": len(st.queries["tokens"]), "subsets": subsets,
+        "lds": by_fraction[first], "lds_by_fraction": by_fraction, "seconds": timings,
+    }
+    if ablation_block is not None:
+        result["ablation"] = ablation_block
+    (out / "faithfulness.json").write_text(json.dumps(result, indent=2))
+    from .report import write_report
+
+    write_report(out, result)
+    return result

@@ -1,0 +1,112 @@
+"""``report.md`` and the LDS figure of a faithfulness directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NAMES = {"explaind_tl": "ExPLAIND train axis", "tracin": "TracIn (every step)", "grad_dot": "final gradient dot"}
+
+
+def compare(a: dict, b: dict) -> str:
+    """``"wins"``, ``"loses"`` or ``"ties"`` (95% intervals overlap) of LDS block ``a`` against ``b``."""
+    (alo, ahi), (blo, bhi) = a["ci95"], b["ci95"]
+    if alo > bhi:
+        return "wins"
+    if ahi < blo:
+        return "loses"
+    return "ties"
+
+
+def _figure(out: Path, result: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fracs = list(result["lds_by_fraction"])
+    methods = list(result["lds_by_fraction"][fracs[0]])
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=100)
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        xs = [j + i * width for j in range(len(fracs))]
+        blocks = [result["lds_by_fraction"][f][m] for f in fracs]
+        means = [b["mean"] for b in blocks]
+        err = [[b["mean"] - b["ci95"][0] for b in blocks], [b["ci95"][1] - b["mean"] for b in blocks]]
+        ax.bar(xs, means, width, yerr=err, capsize=3, label=NAMES.get(m, m))
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(fracs))], [f"drop {f}" for f in fracs])
+    ax.set(ylabel="LDS (mean Spearman over queries)", title=f"{result['study']} ({result['config']}): LDS, 95% intervals")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lds.png")
+    plt.close(fig)
+    return "lds.png"
+
+
+ABLATION_NAMES = {"explaind_tl": "ExPLAIND |attribution over the run|", "attribution_patching": "attribution patching",
+                  "weight_norm": "weight norm", "random": "random (mean of seeds)"}
+
+
+def _ablation(out: Path, block: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    for ax, mode in zip(axes, ("zero", "mean")):
+        for name, b in block.items():
+            ax.plot(b["k"], b[mode], marker="o", ms=3, label=ABLATION_NAMES.get(name, name))
+        ax.set(title=f"{mode}-ablating the top-k heads", xlabel="k", ylabel="query metric (mean)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png")
+    plt.close(fig)
+    lines = ["## Head ablation", "",
+             "The top-k heads of each ranking ablated in the final model (TransformerLens hooks on `hook_z`); "
+             "score: mean fall of the query metric over k = 1..K (higher: the ranking finds what the output "
+             "depends on).", "", "| ranking | zero-ablation fall | mean-ablation fall | order |", "|---|---|---|---|"]
+    for name, b in block.items():
+        lines.append(f"| {ABLATION_NAMES.get(name, name)} | {b['area_zero']:.4f} | {b['area_mean']:.4f} | "
+                     f"{' '.join(b.get('order', [])) or '-'} |")
+    best = {m: max(block, key=lambda n: block[n][f"area_{m}"]) for m in ("zero", "mean")}
+    lines += ["", f"Largest fall: {ABLATION_NAMES.get(best['zero'], best['zero'])} (zero-ablation), "
+              f"{ABLATION_NAMES.get(best['mean'], best['mean'])} (mean-ablation).", "", "![ablation.png](ablation.png)", ""]
+    return lines
+
+
+def write_report(out: str | Path, result: dict) -> Path:
+    out = Path(out)
+    fig = _figure(out, result)
+    s = result["seconds"]
+    lines = [
+        f"# Faithfulness: {result['study']} ({result['config']} config)", "",
+        f"Linear datamodeling score of the training-example scores: {result['subsets']} random subsets per drop "
+        f"fraction, each retrained from the same initialisation with the recorded batches minus the left-out "
+        f"examples ({result['num_steps']} steps, {result['num_train']} training examples); metric "
+        f"`{result['metric']}` on {result['n_queries']} held-out queries. Spearman correlation per query of the "
+        "predicted (sum of the kept examples' scores) with the retrained output; mean over queries and a "
+        "bootstrap 95% interval over queries.", "",
+        "| drop fraction | method | LDS | 95% interval |", "|---|---|---|---|",
+    ]
+    for f, block in result["lds_by_fraction"].items():
+        for m, b in block.items():
+            lines.append(f"| {f} | {NAMES.get(m, m)} | {b['mean']:.3f} | [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] |")
+    lines += ["", f"![{fig}]({fig})", ""]
+    verdicts = []
+    for f, block in result["lds_by_fraction"].items():
+        if "explaind_tl" not in block:
+            continue
+        for m, b in block.items():
+            if m != "explaind_tl":
+                verdicts.append(f"at drop {f} it {compare(block['explaind_tl'], b)} against {NAMES.get(m, m)} "
+                                f"({block['explaind_tl']['mean']:.3f} vs {b['mean']:.3f})")
+    if verdicts:
+        lines += ["**Where ExPLAIND's train axis stands** (\"ties\" when the 95% intervals overlap): "
+                  + "; ".join(verdicts) + ".", ""]
+    if "ablation" in result:
+        lines += _ablation(out, result["ablation"])
+    lines += [f"Time: training {s['train']:.1f} s; " + ", ".join(
+        f"{k[6:]} scores {v:.1f} s" for k, v in s.items() if k.startswith("score_")) + f"; retraining {s['retrain']:.1f} s.", ""]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"

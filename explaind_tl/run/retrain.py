@@ -1,0 +1,63 @@
+"""Counterfactual retraining: the recorded run again, without some training examples.
+
+:func:`retrain` starts from the run's initialisation and repeats every recorded step with the
+same optimizer, hyper-parameters, clipping, CPU threads and deterministic mode, through the
+project's one training step (:func:`explaind_tl.run.step.train_step`), on the recorded batch
+*minus* the examples left out. With every example kept it reproduces the recorded run bit for
+bit (tested). It is what data-attribution scores are judged against (the linear datamodeling
+score of ``analyses/faithfulness``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from explaind_tl.model import move_model
+from explaind_tl.optim import apply_hparams, build_optimizer
+from explaind_tl.run.step import deterministic_algorithms, torch_threads, train_step
+
+Params = dict[str, Tensor]
+
+
+def retrain(trajectory: Any, keep: Tensor | None = None, stop: int | None = None) -> Params:
+    """The parameters after retraining steps ``0 .. stop-1`` on the kept examples.
+
+    Args:
+        trajectory: a recorded :class:`~explaind_tl.Trajectory`.
+        keep: ``[N_train]`` bool, the examples to keep (default: all). Each step trains on its
+            recorded batch restricted to them (the mean over the kept rows); a step whose whole
+            batch was left out changes nothing (no update, optimizer state untouched).
+        stop: the number of steps (default: the whole run).
+
+    Returns:
+        ``{name: w}`` of the trainable parameters (clones, on the trajectory's replay device).
+
+    Raises:
+        ValueError: ``keep`` is not a ``[N_train]`` bool tensor, or ``stop`` is outside the run.
+    """
+    n, T = trajectory.num_train, trajectory.num_steps
+    if keep is not None and (not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (n,)):
+        raise ValueError(f"keep must be a bool tensor of shape [{n}] (one entry per training example)")
+    stop = T if stop is None else int(stop)
+    if not 0 <= stop <= T:
+        raise ValueError(f"stop must be in [0, {T}], got {stop}")
+    model = move_model(trajectory.build_model(), trajectory.device)
+    named = dict(model.named_parameters())
+    params = [named[k] for k in trajectory.param_names]
+    spec = trajectory.optimizer_spec
+    opt = build_optimizer(spec, params)
+    for s in range(stop):
+        ids = trajectory.batch_ids(s)
+        if keep is not None:
+            ids = ids[keep[ids]]
+            if len(ids) == 0:
+                continue
+        batch = {k: v.to(trajectory.device) for k, v in trajectory.batch(ids).items()}
+        hp = trajectory.hyperparameters(s)
+        apply_hparams(opt, spec.kind, hp)
+        with torch_threads(trajectory.torch_num_threads), deterministic_algorithms(trajectory.deterministic):
+            train_step(model, opt, params, trajectory.loss_fn, batch, trajectory.clip_grad_norm, lr=hp["lr"])
+    return {k: p.detach().clone() for k, p in zip(trajectory.param_names, params)}

@@ -1,0 +1,232 @@
+"""Counterfactual retraining and the linear datamodeling score (LDS) harness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import modular_data, tiny_model
+
+from analyses.faithfulness.lds import (
+    bootstrap_mean_ci,
+    lds,
+    predictions,
+    random_subsets,
+    spearman_per_column,
+)
+from analyses.faithfulness.report import compare
+from explaind_tl import Trajectory, TrajectoryRecorder
+from explaind_tl.losses import last_token_cross_entropy
+from explaind_tl.run.retrain import retrain
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A minibatch AdamW run with a schedule and clipping, and a full-batch SGD-momentum run."""
+    root = tmp_path_factory.mktemp("retrain")
+    train, _ = modular_data(7, 30, 8)
+    out = {}
+    model = tiny_model(7)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.05 * s))
+    rec = TrajectoryRecorder(model, opt, root / "mini", train, last_token_cross_entropy, checkpoint_every=5,
+                             scheduler=sched, clip_grad_norm=0.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        rec.step(torch.randperm(30, generator=g)[:10])
+    rec.close()
+    out["mini"] = Trajectory.load(root / "mini")
+    model = tiny_model(7, seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rec = TrajectoryRecorder(model, opt, root / "full", train, last_token_cross_entropy, checkpoint_every=4)
+    for _ in range(8):
+        rec.step()
+    rec.close()
+    out["full"] = Trajectory.load(root / "full")
+    return out
+
+
+@pytest.mark.parametrize("name", ["mini", "full"])
+def test_retraining_on_every_example_reproduces_the_run_bit_for_bit(runs, name):
+    traj = runs[name]
+    w, want = retrain(traj), traj.params_at(traj.num_steps)
+    assert all(torch.equal(w[k], want[k]) for k in want)
+    keep = torch.ones(traj.num_train, dtype=torch.bool)
+    keep[:3] = False
+    w3 = retrain(traj, keep)
+    assert any(not torch.equal(w3[k], want[k]) for k in want)  # leaving examples out changes the run
+
+
+def test_a_step_whose_whole_batch_is_left_out_is_skipped(runs):
+    traj = runs["mini"]
+    keep = torch.ones(traj.num_train, dtype=torch.bool)
+    keep[traj.batch_ids(0)] = False
+    w = retrain(traj, keep, stop=1)
+    w0 = traj.params_at(0)
+    assert all(torch.equal(w[k], w0[k]) for k in w0)
+    with pytest.raises(ValueError, match="keep must be a bool tensor"):
+        retrain(traj, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="keep must be a bool tensor"):
+        retrain(traj, torch.ones(traj.num_train))
+    with pytest.raises(ValueError, match="stop must be"):
+        retrain(traj, stop=traj.num_steps + 1)
+
+
+def test_lds_on_constructed_outputs():
+    n, m, q = 20, 12, 5
+    keep = random_subsets(n, m, 0.5, seed=0)
+    assert keep.shape == (m, n) and bool((keep.sum(1) == n - 10).all())
+    assert not torch.equal(keep[0], keep[1])
+    assert bool((random_subsets(n, m, 0.05, seed=0).sum(1) == n - 1).all())
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(n, q, generator=g, dtype=torch.float64)
+    exact = predictions(scores, keep)
+    assert torch.allclose(exact[:, 0], (keep.double() * scores[:, 0]).sum(1))
+    monotone = torch.exp(exact)  # a monotone function of the prediction: rank correlation 1
+    assert lds(scores, keep, monotone)["mean"] == pytest.approx(1.0)
+    assert lds(scores, keep, -exact)["mean"] == pytest.approx(-1.0)
+    noise = torch.randn(m, q, generator=g, dtype=torch.float64)
+    r = lds(scores, keep, noise)
+    assert abs(r["mean"]) < 0.5 and r["ci95"][0] <= r["mean"] <= r["ci95"][1]
+    # Spearman with ties: mean ranks (hand-computed value)
+    a = torch.tensor([[1.0], [2.0], [2.0], [3.0]])
+    b = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    assert float(spearman_per_column(a, b)[0]) == pytest.approx(0.9486832980505138)
+    assert torch.isnan(spearman_per_column(torch.ones(4, 1), b))[0]
+    lo, hi = bootstrap_mean_ci(torch.tensor([0.1, 0.2, 0.3, float("nan")], dtype=torch.float64))
+    assert 0.1 <= lo <= 0.2 <= hi <= 0.3
+    with pytest.raises(ValueError, match="drop_fraction"):
+        random_subsets(n, m, 1.0, seed=0)
+
+
+def test_compare_uses_interval_overlap():
+    assert compare({"ci95": [0.5, 0.7]}, {"ci95": [0.1, 0.4]}) == "wins"
+    assert compare({"ci95": [0.1, 0.4]}, {"ci95": [0.5, 0.7]}) == "loses"
+    assert compare({"ci95": [0.1, 0.6]}, {"ci95": [0.5, 0.7]}) == "ties"
+
+
+def test_faithfulness_command_on_the_tiny_induction_study(tmp_path, capsys):
+    from analyses.cli import main
+
+    out = tmp_path / "faith"
+    assert main(["faithfulness", "--study", "induction", "--out", str(out), "--subsets", "5", "--queries", "4",
+                 "--quiet"]) == 0
+    assert "LDS" in capsys.readouterr().out
+    res = json.loads((out / "faithfulness.json").read_text())
+    assert set(res["lds_by_fraction"]) == {"0.5", "0.05"} and res["lds"] == res["lds_by_fraction"]["0.5"]
+    for block in res["lds_by_fraction"].values():
+        assert set(block) == {"explaind_tl", "tracin", "grad_dot"}
+        for b in block.values():
+            assert b["n_subsets"] == 5 and b["n_queries"] == 4 and len(b["ci95"]) == 2
+            assert -1.0 <= b["mean"] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "| 0.05 | ExPLAIND train axis |" in report and (out / "lds.png").stat().st_size > 1000
+    abl = res["ablation"]
+    assert set(abl) == {"explaind_tl", "attribution_patching", "weight_norm", "random"}
+    n_heads = 2 * 2  # tiny induction: 2 layers x 2 heads
+    for name, b in abl.items():
+        assert len(b["zero"]) == len(b["mean"]) == n_heads + 1
+        if name != "random":
+            assert sorted(b["order"]) == ["L0H0", "L0H1", "L1H0", "L1H1"]
+        assert b["zero"][0] == pytest.approx(abl["random"]["zero"][0])  # k = 0: nothing ablated
+        assert b["zero"][-1] == pytest.approx(abl["random"]["zero"][-1])  # k = K: every head ablated
+    assert "## Head ablation" in report and (out / "ablation.png").stat().st_size > 1000
+    assert main(["faithfulness", "--study", "induction", "--out", str(out), "--subsets", "2"]) == 2
+
+
+def _flat_grad(model, scalar):
+    grads = torch.autograd.grad(scalar, [p for p in model.parameters() if p.requires_grad])
+    return torch.cat([g.reshape(-1) for g in grads]).double()
+
+
+def test_tracin_and_grad_dot_against_autograd_loops(runs):
+    """Independent oracle: plain autograd, one example and one query at a time."""
+    from analyses.faithfulness.methods import grad_dot_scores, tracin_scores
+    from explaind_tl.metrics import resolve_metric
+
+    traj = runs["mini"]
+    _, test = modular_data(7, 30, 8)
+    q = {k: v[:3] for k, v in test.items()}
+    fn, _ = resolve_metric("correct_logprob", -1)
+
+    def grads_at(step):
+        model = traj.model(step).double()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        gq = [_flat_grad(model, fn(model(q["tokens"][j: j + 1]), {k: v[j: j + 1] for k, v in q.items()})[0])
+              for j in range(3)]
+        gl = {i: _flat_grad(model, last_token_cross_entropy(model, traj.batch(torch.tensor([i])))[0])
+              for i in range(traj.num_train)}
+        return torch.stack(gq), gl
+
+    want = torch.zeros(traj.num_train, 3, dtype=torch.float64)
+    for s in range(traj.num_steps):
+        gq, gl = grads_at(s)
+        for i in traj.batch_ids(s).tolist():
+            want[i] -= traj.lr(s) * (gq @ gl[i])
+    got = tracin_scores(traj, q, "correct_logprob", -1)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+    gq, gl = grads_at(traj.num_steps)
+    want_gd = -torch.stack([gq @ gl[i] for i in range(traj.num_train)])
+    for chunk in (7, 512):
+        got_gd = grad_dot_scores(traj, q, "correct_logprob", -1, chunk=chunk)
+        assert torch.allclose(got_gd, want_gd, rtol=1e-9, atol=1e-12 * float(want_gd.abs().max()))
+
+
+# ----------------------------------------------------------------------------- head ablation
+def _copy_with_w_o_scaled(model, heads, scale):
+    import copy
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, h in heads:
+            m.blocks[layer].attn.W_O[h] *= scale
+    return m
+
+
+def test_zero_ablation_equals_zeroing_the_heads_output_weights():
+    """Oracle: z_h = 0 is the same as W_O[h] = 0 (the head then adds nothing but b_O)."""
+    from analyses.faithfulness.ablation import ablated_metric, head_means
+    from explaind_tl.metrics import resolve_metric
+
+    model = tiny_model(7)
+    _, test = modular_data(7, 30, 8)
+    heads = [(0, 1), (0, 3)]
+    fn, _ = resolve_metric("correct_logprob", -1)
+    with torch.no_grad():
+        want = float(fn(_copy_with_w_o_scaled(model, heads, 0.0)(test["tokens"]).double(), test).mean())
+        plain = float(fn(model(test["tokens"]).double(), test).mean())
+    assert ablated_metric(model, test, "correct_logprob", -1, heads, "zero") == pytest.approx(want, rel=1e-6)
+    assert ablated_metric(model, test, "correct_logprob", -1, [], "zero") == pytest.approx(plain, rel=1e-9)
+    means = head_means(model, test)
+    assert means[0].shape == (model.cfg.n_heads, model.cfg.d_head)
+    assert ablated_metric(model, test, "correct_logprob", -1, heads, "mean", means) != pytest.approx(want, rel=1e-6)
+
+
+def test_attribution_patching_is_the_derivative_along_each_heads_output():
+    """Oracle: |d m / d α| at α = 1 with the head's W_O scaled by α (autograd on α)."""
+    from analyses.faithfulness.ablation import attribution_patching
+    from explaind_tl.metrics import resolve_metric
+
+    model = tiny_model(7, dtype=torch.float64)
+    _, test = modular_data(7, 30, 8)
+    fn, _ = resolve_metric("correct_logprob", -1)
+    got = attribution_patching(model, test, "correct_logprob", -1)
+    from torch.func import functional_call
+
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    for h in range(model.cfg.n_heads):
+        alpha = torch.ones((), dtype=torch.float64, requires_grad=True)
+        w_o = base["blocks.0.attn.W_O"].clone()
+        scaled = torch.cat([w_o[:h], (alpha * w_o[h])[None], w_o[h + 1:]])
+        logits = functional_call(model, {**base, "blocks.0.attn.W_O": scaled}, (test["tokens"],))
+        (d,) = torch.autograd.grad(fn(logits, test).mean(), alpha)
+        assert got[(0, h)] == pytest.approx(abs(float(d)), rel=1e-8)
+
+
+def test_fall_area_and_order():
+    from analyses.faithfulness.ablation import fall_area, order
+
+    assert fall_area([1.0, 0.5, 0.0]) == pytest.approx(0.75)
+    assert order({(0, 1): 1.0, (0, 0): 1.0, (1, 0): 2.0}) == [(1, 0), (0, 0), (0, 1)]
