@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/explaind-tl grokking
 
-# the second study: induction heads in a 2-layer attention-only model (~6 min on 2 cores)
+# the second study: induction heads in a 2-layer attention-only model (5-7 min on 2 cores)
 induction: $(STAMP)
 	$(VENV)/bin/explaind-tl induction
 

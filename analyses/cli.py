@@ -40,9 +40,18 @@ _PRESETS = {
 }
 _INDUCTION_PRESETS = {
     "default": "2 layers, attention only, d_model 64, 4 heads, context 32, 100k sequences (75%% with a copied "
-    "segment), 2,000 steps (training ~40 s; the whole study ~5 min on 2 CPU cores)",
+    "segment), 2,000 steps (training ~40 s; the whole study 5-7 min on 2 CPU cores)",
     "tiny": "d_model 16, 2 heads, context 16, 40 steps (seconds; for tests; no induction heads form)",
 }
+
+
+def _epilog(presets: dict[str, str]) -> str:
+    return "presets:\n" + "\n".join(f"  {k:8s} {v}" for k, v in presets.items()).replace("%%", "%")
+
+
+def _config_and_out(p: argparse.ArgumentParser, presets: dict[str, str], study: str) -> None:
+    p.add_argument("--config", default="default", choices=sorted(presets), help="preset (default: default)")
+    p.add_argument("--out", default=None, help=f"report directory (default: runs/{study}-<config>)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,10 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         "recorder until it groks, explain the run with ExPLAIND (steps x components x sources, "
         "per-query alignment) and write a report directory.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="presets:\n" + "\n".join(f"  {k:8s} {v}" for k, v in _PRESETS.items()).replace("%%", "%"),
+        epilog=_epilog(_PRESETS),
     )
-    g.add_argument("--config", default="default", choices=sorted(_PRESETS), help="preset (default: default)")
-    g.add_argument("--out", default=None, help="report directory (default: runs/grokking-<config>)")
+    _config_and_out(g, _PRESETS, "grokking")
     g.add_argument("--seed", type=int, default=None, help="model-initialisation seed (default: the preset's)")
     g.add_argument("--no-explain", action="store_true", help="train and compute phases only")
     g.add_argument(
@@ -92,10 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         "induction phase change; measure previous-token, induction and ICL scores over training; explain the "
         "in-context log-prob and the ICL score per step x head and per training sequence; write a report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="presets:\n" + "\n".join(f"  {k:8s} {v}" for k, v in _INDUCTION_PRESETS.items()).replace("%%", "%"),
+        epilog=_epilog(_INDUCTION_PRESETS),
     )
-    i.add_argument("--config", default="default", choices=sorted(_INDUCTION_PRESETS), help="preset (default: default)")
-    i.add_argument("--out", default=None, help="report directory (default: runs/induction-<config>)")
+    _config_and_out(i, _INDUCTION_PRESETS, "induction")
     i.add_argument("--seed", type=int, default=None, help="seed of the model and the data (default: the preset's)")
     i.add_argument("--no-explain", action="store_true", help="train and measure only")
     i.add_argument("--threads", type=int, default=None,

@@ -1,7 +1,8 @@
 """Labelled attribution tensors and their completeness certificate.
 
 An :class:`Attribution` is a float64 tensor with named dims (a subset of ``"step"``,
-``"component"``, ``"source"``, ``"query"``, ``"output"``, ``"position"``, ``"train"``, in any order), labels per
+``"component"``, ``"source"``, ``"query"``, ``"output"``, ``"position"``, ``"train"``,
+``"train_position"``, in any order), labels per
 dim (``coords``), the :class:`Completeness` certificate of the computation that produced it, and
 free-form ``meta``. Selections and sums never rescale anything; the certificate always refers
 to the whole computation (it is carried unchanged through ``sel``/``sum``/...).
@@ -81,7 +82,7 @@ class Attribution:
     Attributes:
         values: float64 tensor with one axis per entry of ``dims``.
         dims: dim names, a subset of ``("step", "component", "source", "query", "output", "position",
-            "train")`` in any order.
+            "train", "train_position")`` in any order.
         coords: labels per dim: ``"step"`` ints (step index or bin start), ``"component"``
             strs, ``"source"`` strs, ``"train"`` int example ids and str pseudo-entries,
             ``"query"``/``"output"`` ints or strs. A missing dim defaults to ``range(size)``.

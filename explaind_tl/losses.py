@@ -21,6 +21,19 @@ def last_token_cross_entropy(model: nn.Module, batch: dict[str, Tensor]) -> Floa
     return torch.nn.functional.cross_entropy(logits, batch["label"], reduction="none")
 
 
+def next_token_cross_entropy_per_token(model: nn.Module, batch: dict[str, Tensor]) -> Float[Tensor, "batch pos_minus_1"]:
+    """:func:`next_token_cross_entropy` split into its token terms: ``[B, n_ctx - 1]``, term
+    ``t - 1`` the share of predicting token ``t`` (``ce / (n_ctx - 1)``, or with a loss mask
+    ``m_t ce / Σ m``); each row sums to the sequence's loss."""
+    tokens = batch["tokens"]
+    logits = model(tokens)[:, :-1, :]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:].long(), reduction="none")
+    if "loss_mask" not in batch:
+        return ce / ce.shape[1]
+    m = batch["loss_mask"][:, 1:].to(ce.dtype)
+    return ce * m / m.sum(1, keepdim=True).clamp(min=1.0)
+
+
 def next_token_cross_entropy(model: nn.Module, batch: dict[str, Tensor]) -> Float[Tensor, "batch"]:
     """Per-sequence language-model loss: the mean over predicted tokens of the cross entropy of
     the logits at position ``p`` against ``tokens[p + 1]``.
@@ -41,3 +54,7 @@ def next_token_cross_entropy(model: nn.Module, batch: dict[str, Tensor]) -> Floa
         return ce.mean(1)
     m = batch["loss_mask"][:, 1:].to(ce.dtype)
     return (ce * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+# the token terms of the loss: what explain's by=("train", "train_position") splits by
+next_token_cross_entropy.per_token = next_token_cross_entropy_per_token

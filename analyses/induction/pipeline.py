@@ -11,6 +11,9 @@
   (late minus early loss on held-out mixture sequences; a callable metric);
 * ``attr_train.safetensors`` — training sequence x head attribution of the in-context log-prob
   over the phase-change window (the seen clock: each sequence's batches in the window);
+* ``top_tokens.csv`` — the training tokens (sequence, predicted position) whose loss terms moved
+  the in-context log-prob most through the best induction head in the window
+  (``by=("component", "train", "train_position")`` with that head against the rest);
 * ``summary.json`` and ``report.md`` with figures (:mod:`analyses.induction.report`).
 """
 
@@ -48,6 +51,41 @@ def phase_change_window(steps: list[int], copy_loss: list[float], width: int, nu
     mid = (steps[i] + steps[i + 1]) // 2
     a = max(0, min(mid - width // 2, num_steps - width))
     return a, min(num_steps, a + width)
+
+
+def head_vs_rest(model, label: str):
+    """A two-component map: head ``label`` (``"L1H3"``) against every other coordinate."""
+    import numpy as np
+
+    from explaind_tl import ComponentMap
+
+    layer, h = (int(x) for x in label[1:].split("H"))
+    per_head = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
+
+    def fn(name: str, shape: torch.Size):
+        if name.startswith(f"blocks.{layer}.attn.") and name.rsplit(".", 1)[1] in per_head:
+            labels = np.full([shape[0]] + [1] * (len(shape) - 1), "rest", dtype=object)
+            labels[h] = label
+            return labels
+        return "rest"
+
+    return ComponentMap.from_predicate(model, fn)
+
+
+def top_tokens(attr, label: str, train_set: dict, k: int) -> list[dict[str, Any]]:
+    """The ``k`` (sequence, predicted position) cells with the largest |entry| for ``label``."""
+    one = attr.sel(component=label)
+    ids = [t for t in one.coords["train"] if isinstance(t, int)]
+    pos = [p for p in one.coords["train_position"] if isinstance(p, int)]
+    v = one.sel(train=ids, train_position=pos).values  # [N, T-1]
+    flat = torch.argsort(v.abs().flatten(), descending=True)[:k]
+    rows = []
+    for f in flat.tolist():
+        i, j = divmod(f, v.shape[1])
+        rows.append({"sequence": ids[i], "position": pos[j], "value": float(v[i, j]),
+                     "repeat": bool(train_set["is_repeat"][ids[i]]),
+                     "copied_token": bool(train_set["copy_mask"][ids[i], pos[j]])})
+    return rows
 
 
 def _log_row(model, step: int, ev: dict, rep: torch.Tensor, early: slice, late: slice) -> dict[str, float]:
@@ -143,12 +181,21 @@ def run_study(cfg: InductionConfig, out_dir: str | Path, *, progress: bool = Tru
             "train": lambda: explain_run(traj, q, metric="next_token_logprob", by=("train", "component"),
                                          steps=window, **head),
         }
+        best = max((c for c in metrics.columns if c.startswith("ind_L")), key=lambda c: metrics.iloc[-1][c])[4:]
+        cmap = head_vs_rest(traj.model(0), best)
+        calls["train_tokens"] = lambda: explain_run(
+            traj, q, metric="next_token_logprob", by=("component", "train", "train_position"), steps=window,
+            **{**head, "components": cmap})
         summary["explain"] = {}
         for name, call in calls.items():
             t = time.perf_counter()
             attr = call()
             seconds = time.perf_counter() - t
-            attr.save(out / f"attr_{name}.safetensors")
+            if name == "train_tokens":  # N_train x n_ctx entries: the top ones only
+                summary["top_tokens_head"] = best
+                pd.DataFrame(top_tokens(attr, best, train_set, cfg.top_k)).to_csv(out / "top_tokens.csv", index=False)
+            else:
+                attr.save(out / f"attr_{name}.safetensors")
             c = attr.completeness
             summary["explain"][name] = {
                 "seconds": seconds, "ratio_to_training": seconds / max(train_s, 1e-9), "certificate_ok": c.ok,

@@ -149,8 +149,9 @@ def write_report(out: str | Path, summary: dict, metrics, train_set: dict) -> Pa
             lines.append(f"| {name} | {e['seconds']:.1f} s | {e['ratio_to_training']:.2f}x | "
                          f"{'ok' if e['certificate_ok'] else 'FAILED'} | {e['total']:.4g} | {e['measured']:.4g} |")
         lines += ["", "`logprob`: mean log-prob of the copied tokens of held-out repeat sequences per step x "
-                  "head; `icl`: the ICL score per step x head; `train`: the log-prob per training sequence x "
-                  "head, over the phase-change window.", ""]
+                  "head x source; `icl`: the ICL score per step x head; `train`: the log-prob per training "
+                  "sequence x head, over the phase-change window; `train_tokens`: the same per training token, "
+                  "for the best induction head against the rest.", ""]
         rows = head_table(lp, metrics, window)
         lines += ["### Heads: attribution against the progress measures", "",
                   "| head | window attribution | whole-run attribution | previous-token score | induction score |",
@@ -163,7 +164,9 @@ def write_report(out: str | Path, summary: dict, metrics, train_set: dict) -> Pa
                   f"{rho_ind:.2f}; with the previous-token score: {rho_prev:.2f} (over {len(rows)} heads).", ""]
         if "source" in lp.dims:
             lines += _sources(lp, [r["head"] for r in rows], window)
-        lines += _top_sequences(out, rows[0]["head"], train_set, cfg["top_k"])
+        head = summary.get("top_tokens_head") or rows[0]["head"]
+        lines += _top_sequences(out, head, train_set, cfg["top_k"])
+        lines += _top_tokens(out, head, train_set)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
 
@@ -176,13 +179,33 @@ def _sources(attr, heads: list[str], window: tuple[int, int]) -> list[str]:
     win = attr.sel(step=in_win).keep("component", "source")
     sources = list(win.coords["source"])
     lines = ["### Where the window's attribution comes from", "",
-             "Per head, the in-context log-prob change of the window split by the piece of the AdamW updates "
-             "it came from (`data`: this window's batch gradients; `history`: momentum carried in from "
-             "before the window; `weight_decay`; `update_residual`: floating-point gap of the update's "
-             "reconstruction).", "", "| head | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+             "Per head, the in-context log-prob change of the window's steps split by the piece of the AdamW "
+             "updates it came from (`data`: training-batch gradients, of any earlier step too, carried by "
+             "momentum; `history`: momentum from before the explained range, which is the whole run here, "
+             "so none; `weight_decay`; `update_residual`: floating-point gap of the update's reconstruction).", "", "| head | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     for h in heads:
         vals = win.sel(component=h).values
         lines.append(f"| {h} | " + " | ".join(f"{float(v):+.4f}" for v in vals) + " |")
+    return lines + [""]
+
+
+def _top_tokens(out: Path, head: str, train_set: dict) -> list[str]:
+    import pandas as pd
+
+    path = out / "top_tokens.csv"
+    if not path.exists():
+        return []
+    top = pd.read_csv(path)
+    base = float(train_set["copy_mask"][:, 1:].double().mean())
+    frac = float(top["copied_token"].mean()) if len(top) else math.nan
+    lines = [f"### Training tokens that moved {head} in the window", "",
+             f"Each training sequence's loss is a mean over its predicted tokens, so its entry splits exactly by "
+             f"token (`by=(\"component\", \"train\", \"train_position\")`, {head} against the rest of the "
+             f"model). The {len(top)} (sequence, token) terms with the largest |attribution|: {frac:.0%} of them "
+             f"predict a copied token that induction can predict, against {base:.0%} of all predicted tokens.",
+             "", "| sequence | predicted token | attribution | repeat sequence | copied token |", "|---|---|---|---|---|"]
+    for r in top.itertuples():
+        lines.append(f"| {r.sequence} | {r.position} | {r.value:+.3g} | {bool(r.repeat)} | {bool(r.copied_token)} |")
     return lines + [""]
 
 

@@ -107,9 +107,13 @@ def explain(
             ``"logits"``, ``"next_token_logprob"``, ``"next_token_loss"`` or a callable
             ``(logits, batch) -> [Q]`` or ``[Q, O]``.
         by: axes to keep, any subset of ``("step", "component", "source", "query", "output",
-            "position", "train")``; every other axis is summed. ``"position"`` (next-token
-            metrics only) keeps each read position's share of the per-query mean (coords: the
-            positions; the shares add up to the averaged metric). ``"train"`` switches to the seen clock
+            "position", "train", "train_position")``; every other axis is summed. ``"position"``
+            (next-token metrics only) keeps each read position's share of the per-query mean
+            (coords: the positions; the shares add up to the averaged metric).
+            ``"train_position"`` (with ``"train"``; a training loss with a ``per_token`` split,
+            e.g. ``losses.next_token_cross_entropy``) splits each training example's entry by the
+            token terms of its loss: coords the predicted token ``1..n-1``, plus ``"none"``,
+            where the pseudo-entries sit. ``"train"`` switches to the seen clock
             (example seen at step ``k``) and the adjoint recursion; it cannot be combined with
             ``"source"`` (its pseudo-entries already carry that split). ``by=()`` sums everything:
             a 0-d Attribution holding the total.
@@ -330,6 +334,7 @@ def prepare(trajectory, queries, metric, by, components, reduce, steps, step_bin
         by, int(next(iter(batch.values())).shape[0]), probe_outputs(model, metric_fn, batch), reduce, (a, b),
         step_bins, list(cmap.labels) if cmap is not None else None, trajectory.num_train,
         output_labels=list(position) if "position" in by else None,
+        n_terms=token_terms(trajectory, model) if "train_position" in by else 0,
     )
     n_tangents = len(plan.x_labels) * (len(cmap.labels) if cmap is not None else 1)
     directional = plan.clock == "realized" and plan.resolve_query and n_tangents <= QUERY_GRADS[opts.query_grads]
@@ -351,6 +356,24 @@ def prepare(trajectory, queries, metric, by, components, reduce, steps, step_bin
         "position": position,
     }
     return Job(trajectory, batch, metric_fn, plan, cmap, opts, device, position, directional, config)
+
+
+def token_terms(trajectory, model) -> int:
+    """How many token terms each training example's loss has (``loss_fn.per_token``).
+
+    Raises:
+        ValueError: the run's loss function has no ``per_token`` split.
+    """
+    per_token = getattr(trajectory.loss_fn, "per_token", None)
+    if not callable(per_token):
+        raise ValueError(
+            "by=(..., 'train_position') needs a training loss split into token terms: a loss_fn with a "
+            "per_token(model, batch) -> [B, terms] attribute whose rows sum to the loss, such as "
+            "explaind_tl.losses.next_token_cross_entropy"
+        )
+    with torch.no_grad():
+        terms = per_token(model, trajectory.batch(torch.arange(1)))
+    return int(terms.shape[1])
 
 
 def run_shard(job: Job, shard: distributed.Shard | None, progress: bool, resume_dir: str | Path | None) -> dict:

@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from explaind_tl.attribution import Attribution
+from explaind_tl.axes import NO_TOKEN, PSEUDO
 from explaind_tl.certificate import Completeness
 from explaind_tl.engine.options import ExplainOptions
 from explaind_tl.engine.plan import Plan
@@ -213,4 +214,24 @@ def assemble_values(acc: Tensor, plan: Plan) -> tuple[Tensor, tuple[str, ...], d
             coords[d] = list(range(plan.n_query))
         elif d in ("output", "position"):
             coords[d] = list(plan.output_labels) if plan.output_labels is not None else list(range(plan.n_output))
+    if plan.n_terms and "train" in order:
+        values, order, coords = split_token_terms(values, order, coords, plan.n_terms)
     return values, tuple(order), coords
+
+
+def split_token_terms(values: Tensor, order: list[str], coords: dict[str, list], n_terms: int):
+    """The train axis with token-term columns (``i * n_terms + t``, then the pseudo-entries) as two
+    dims, ``train`` (examples, then pseudo-entries) x ``train_position`` (the predicted token
+    ``1..n_terms``, then :data:`~explaind_tl.axes.NO_TOKEN` holding the pseudo-entries)."""
+    d = order.index("train")
+    v = values.movedim(d, -1)
+    n_cols = v.shape[-1] - len(PSEUDO)
+    n = n_cols // n_terms
+    out = v.new_zeros(*v.shape[:-1], n + len(PSEUDO), n_terms + 1)
+    out[..., :n, :n_terms] = v[..., :n_cols].reshape(*v.shape[:-1], n, n_terms)
+    out[..., n:, n_terms] = v[..., n_cols:]
+    out = out.movedim(-2, d).movedim(-1, d + 1).contiguous()
+    coords = dict(coords)
+    coords["train"] = list(range(n)) + list(PSEUDO)
+    coords["train_position"] = list(range(1, n_terms + 1)) + [NO_TOKEN]
+    return out, order[: d + 1] + ["train_position"] + order[d + 1:], coords

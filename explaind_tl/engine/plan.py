@@ -180,6 +180,7 @@ class Plan:
     clock: str  # "realized" | "seen"
     output_name: str = "output"  # the metric's outputs are "position"s for by=(..., "position")
     output_labels: list[Any] | None = None  # their coords (default range(n_output))
+    n_terms: int = 0  # token terms per training example for by=("train", "train_position"), else 0
 
     @property
     def rows_per_query(self) -> int:
@@ -216,12 +217,13 @@ def make_plan(
     component_labels: list[str] | None,
     num_train: int,
     output_labels: list[Any] | None = None,
+    n_terms: int = 0,
 ) -> Plan:
     """The :class:`Plan` of a call keeping the axes ``by`` over the steps ``window``."""
     a, b = window
     clock = "seen" if "train" in by else "realized"
-    if "train" in by:
-        x_labels: list[Any] = list(range(num_train)) + list(PSEUDO)
+    if "train" in by:  # with token terms: column i * n_terms + t for term t of example i
+        x_labels: list[Any] = list(range(num_train * max(n_terms, 1))) + list(PSEUDO)
     elif "source" in by:
         x_labels = list(SOURCES)
     else:
@@ -246,6 +248,7 @@ def make_plan(
         clock=clock,
         output_name="position" if "position" in by else "output",
         output_labels=output_labels,
+        n_terms=n_terms,
     )
 
 

@@ -52,8 +52,8 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
     """
     plan = ctx.plan
     a, b = plan.window
-    n_train = ctx.traj.num_train
-    col = {lbl: n_train + i for i, lbl in enumerate(PSEUDO)}
+    n_data = ctx.traj.num_train * max(plan.n_terms, 1)  # data columns (per token term with train_position)
+    col = {lbl: n_data + i for i, lbl in enumerate(PSEUDO)}
     blocks = ctx.blocks
     R, P = plan.n_rows, ctx.layout.numel
     state = resume.load() if resume else None
@@ -211,7 +211,9 @@ def data_entries(
     the caller applies to the entries (``G = g_scale · (the matrix passed)``), so the jvp path
     divides nothing and the GEMM path never forms the scaled matrix.
 
-    Yields ``(chunk ids, entries [R, C, b] float64)``. With few tangents (rows x components,
+    Yields ``(columns, entries [R, C, b] float64)``: the chunk's example ids, or with token terms
+    (``plan.n_terms``, always forward mode) the columns ``i * n_terms + t`` of each example's
+    terms and ``[R, C, b * n_terms]`` entries. With few tangents (rows x components,
     ``ctx.train_jvp``) the entries are forward-mode directional derivatives of the
     per-example losses, so no ``b x P`` per-example gradients are formed; otherwise the
     per-example gradients are flattened once in the working dtype and contracted with ``G``
@@ -223,8 +225,13 @@ def data_entries(
         for start in range(0, len(ids), ctx.jvp_chunk):
             cid = ids[start : start + ctx.jvp_chunk]
             tb = {kk: v.to(ctx.device) for kk, v in ctx.traj.batch(cid).items()}
-            dots = lossf.per_example_dots(w_work, tb, tangents).to(torch.float64)  # [R*C, b]
-            yield cid, dots.reshape(R, C, -1)
+            terms = ctx.plan.n_terms
+            dots = lossf.per_example_dots(w_work, tb, tangents, per_token=terms > 0).to(torch.float64)  # [R*C, b(, T)]
+            if terms:
+                cols = (cid[:, None] * terms + torch.arange(terms)).reshape(-1)
+                yield cols, dots.reshape(R, C, -1)
+            else:
+                yield cid, dots.reshape(R, C, -1)
         return
     for start in range(0, len(ids), ctx.train_chunk):
         cid = ids[start : start + ctx.train_chunk]

@@ -105,7 +105,8 @@ class Setup:
         # component) instead of per-query gradients
         self.directional = directional
         # train axis: data entries by forward-mode derivatives when rows x components are few
-        self.train_jvp = plan.n_rows * self.n_comp <= TRAIN_GRADS[options.train_grads]
+        # token terms (train_position) exist only on the forward-mode path (no [B, terms, P] block)
+        self.train_jvp = plan.n_terms > 0 or plan.n_rows * self.n_comp <= TRAIN_GRADS[options.train_grads]
         self._onehot: Tensor | None = None
 
     def note_readout_error(self, err: float | None) -> None:

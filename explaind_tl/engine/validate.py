@@ -97,6 +97,8 @@ def check_by(by: Any) -> tuple[str, ...]:
         raise ValueError(f"repeated axes in by={by}")
     if "train" in by and "source" in by:
         raise ValueError("by='train' already carries the source split (pseudo-entries); drop 'source'")
+    if "train_position" in by and "train" not in by:
+        raise ValueError("by='train_position' splits the train axis by token: keep 'train' as well")
     if "position" in by and "output" in by:
         raise ValueError("a next-token metric has one output per position: keep 'position' or 'output', not both")
     return by

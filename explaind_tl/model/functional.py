@@ -476,14 +476,24 @@ class LossFunction:
         """``∇ℓ(x_i; w)`` for each row of ``batch``: dict of ``[B, *shape]``."""
         return vmap(grad(lambda p, example: self.losses(p, _unsqueeze(example))[0]), in_dims=(None, 0))(params, batch)
 
-    def per_example_dots(self, params: Params, batch: dict[str, Tensor], tangents: Params) -> Float[Tensor, "tangent batch"]:
-        """``<t, ∇ℓ(x_i; w)>`` for every tangent ``t`` (dict of ``[T, *shape]``) and row ``i``.
+    def per_example_dots(self, params: Params, batch: dict[str, Tensor], tangents: Params, per_token: bool = False) -> Tensor:
+        """``<t, ∇ℓ(x_i; w)>`` for every tangent ``t`` (dict of ``[T, *shape]``) and row ``i``:
+        ``[T, B]``; with ``per_token``, of each token's loss term (``loss_fn.per_token``):
+        ``[T, B, n_terms]``.
 
         One forward-mode pass over the batch per tangent (``vmap`` over tangents); the
         per-example losses must not depend on each other (the ``loss_fn`` contract).
         """
         tan = {k: v.to(self.dtype) for k, v in tangents.items()}
-        return vmap(lambda t: jvp(lambda p: self.losses(p, batch), (params,), (t,))[1])(tan)
+        f = self.token_losses if per_token else self.losses
+        return vmap(lambda t: jvp(lambda p: f(p, batch), (params,), (t,))[1])(tan)
+
+    def token_losses(self, params: Params, batch: dict[str, Tensor]) -> Float[Tensor, "batch term"]:
+        """Each row's loss split into its token terms, ``loss_fn.per_token(model, batch)`` (rows
+        sum to :meth:`losses`), through TransformerLens's forward."""
+        batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        wrapper = _LossModule(self.model, self.loss_fn.per_token)
+        return functional_call(wrapper, {"model." + k: v for k, v in params.items()}, (batch,))
 
 
 class _LossModule(nn.Module):

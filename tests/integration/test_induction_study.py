@@ -90,7 +90,7 @@ def test_tiny_study_end_to_end_through_the_command_line(tmp_path, capsys):
     assert main(["induction", "--config", "tiny", "--out", str(out), "--quiet", "--threads", "1"]) == 0
     assert "report:" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["explain"]) == {"logprob", "icl", "train"}
+    assert set(summary["explain"]) == {"logprob", "icl", "train", "train_tokens"}
     for name, e in summary["explain"].items():
         assert e["certificate_ok"], name
         assert abs(e["total"] - e["measured"]) <= 1e-4 * max(abs(e["measured"]), 1e-3), name
@@ -100,11 +100,16 @@ def test_tiny_study_end_to_end_through_the_command_line(tmp_path, capsys):
     assert len(lp.coords["step"]) == summary["num_steps"]
     tr = Attribution.load(out / "attr_train.safetensors")
     assert tr.dims == ("component", "train")
+    import pandas as pd
+
+    top = pd.read_csv(out / "top_tokens.csv")
+    assert len(top) == get_config("tiny").top_k and top["value"].abs().is_monotonic_decreasing
+    assert summary["top_tokens_head"].startswith("L")
     a, b = summary["window"]
     assert 0 <= a < b <= summary["num_steps"]
     report = (out / "report.md").read_text()
     for section in ("## Progress measures", "## ExPLAIND", "### Heads", "### Where the window's attribution",
-                    "### Training sequences"):
+                    "### Training sequences", "### Training tokens"):
         assert section in report
     for fig in ("curves.png", "heatmap_logprob.png", "cumulative_logprob.png"):
         assert (out / fig).stat().st_size > 1000 and f"({fig})" in report

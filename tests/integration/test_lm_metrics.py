@@ -195,3 +195,62 @@ def test_position_axis_keeps_each_positions_share(run):
         explain(run, {"tokens": tokens}, metric="correct_logprob", by=("position",), progress=False)
     with pytest.raises(ValueError, match="'position' or 'output'"):
         explain(run, {"tokens": tokens}, metric="next_token_logprob", by=("position", "output"), progress=False)
+
+
+def test_train_position_splits_each_sequence_by_its_token_terms(run):
+    from explaind_tl.axes import NO_TOKEN, PSEUDO
+
+    q = {"tokens": sequences(4, seed=5)}
+    kw = dict(metric="next_token_logprob", position=slice(N_CTX // 2 - 1, None), dtype=torch.float64, progress=False)
+    per_seq = explain(run, q, by=("train", "query"), **kw)
+    per_tok = explain(run, q, by=("train", "train_position", "query"), **kw)
+    assert per_tok.dims == ("train", "train_position", "query")
+    assert per_tok.coords["train"] == list(range(run.num_train)) + list(PSEUDO)
+    assert per_tok.coords["train_position"] == list(range(1, N_CTX)) + [NO_TOKEN]
+    assert per_tok.completeness.ok
+    # the token terms of an example add up to its entry; pseudo-entries sit at "none" only
+    assert_close_scaled(per_tok.values.sum(1), per_seq.values, 1e-10)
+    n = run.num_train
+    assert torch.equal(per_tok.values[:n, -1], torch.zeros_like(per_tok.values[:n, -1]))
+    assert torch.equal(per_tok.values[n:, :-1], torch.zeros_like(per_tok.values[n:, :-1]))
+    seen = set().union(*(run.batch_ids(s).tolist() for s in range(run.num_steps)))
+    unseen = [i for i in range(n) if i not in seen]
+    if unseen:
+        assert torch.equal(per_tok.values[unseen], torch.zeros_like(per_tok.values[unseen]))
+    # with components too, and summing queries
+    comp = explain(run, q, by=("component", "train", "train_position"), components="head", **kw)
+    assert comp.dims == ("component", "train", "train_position")
+    assert_close_scaled(comp.values.sum((0, 2)), per_seq.values.sum(-1), 1e-10)
+    with pytest.raises(ValueError, match="keep 'train' as well"):
+        explain(run, q, by=("train_position",), **kw)
+
+
+def test_train_position_needs_a_loss_split_into_tokens(tmp_path):
+    from conftest import modular_data, tiny_model
+
+    from explaind_tl.losses import last_token_cross_entropy
+
+    model = tiny_model(7)
+    train, test = modular_data(7, 12, 4)
+    rec = TrajectoryRecorder(model, torch.optim.AdamW(model.parameters(), lr=1e-2), tmp_path / "run", train,
+                             last_token_cross_entropy)
+    rec.step()
+    rec.close()
+    with pytest.raises(ValueError, match="per_token"):
+        explain(Trajectory.load(tmp_path / "run"), test, by=("train", "train_position"), progress=False)
+
+
+def test_token_terms_of_the_loss_add_up_to_it():
+    from explaind_tl.losses import next_token_cross_entropy_per_token
+
+    model, tokens = seq_model(), sequences(5)
+    assert next_token_cross_entropy.per_token is next_token_cross_entropy_per_token
+    terms = next_token_cross_entropy_per_token(model, {"tokens": tokens})
+    assert terms.shape == (5, N_CTX - 1)
+    assert_close_scaled(terms.sum(1), next_token_cross_entropy(model, {"tokens": tokens}), 1e-12)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, 3:6] = True
+    b = {"tokens": tokens, "loss_mask": mask}
+    terms = next_token_cross_entropy_per_token(model, b)
+    assert_close_scaled(terms.sum(1), next_token_cross_entropy(model, b), 1e-12)
+    assert torch.equal(terms[:, :2], torch.zeros_like(terms[:, :2]))  # unmasked tokens: no term
