@@ -43,7 +43,7 @@ def _figure(out: Path, result: dict) -> str:
     return "lds.png"
 
 
-ABLATION_NAMES = {"explaind_tl": "ExPLAIND |attribution over the run|", "attribution_patching": "attribution patching",
+ABLATION_NAMES = {"explaind_tl": "ExPLAIND (abs. attribution over the run)", "attribution_patching": "attribution patching",
                   "weight_norm": "weight norm", "random": "random (mean of seeds)"}
 
 
