@@ -317,5 +317,9 @@ def _worker(
             tmp = out + ".tmp"
             torch.save(merge_parts(parts, shards[0].kind, resolve_query), tmp)
             os.replace(tmp, out)
+        # no rank tears its group down while another still talks to it (a worker that exited
+        # right after its send aborted once in a clean-clone CI run: "terminate called without
+        # an active exception", exit code -6)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
