@@ -14,24 +14,14 @@ import torch
 
 
 def _spearman(x: list[float], y: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 points."""
+    """Spearman rank correlation (ties: mean ranks, :mod:`analyses.faithfulness.lds`); NaN for
+    fewer than 3 points."""
+    from analyses.faithfulness.lds import spearman_per_column
+
     if len(x) < 3:
         return float("nan")
-
-    def ranks(v: list[float]) -> torch.Tensor:
-        t = torch.tensor(v, dtype=torch.float64)
-        order = torch.argsort(t)
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for val in set(v):  # ties: the mean rank
-            idx = (t == val).nonzero().flatten()
-            r[idx] = r[idx].mean()
-        return r
-
-    a, b = ranks(x), ranks(y)
-    a, b = a - a.mean(), b - b.mean()
-    den = float(a.norm() * b.norm())
-    return float((a * b).sum() / den) if den > 0 else float("nan")
+    col = lambda v: torch.tensor(v, dtype=torch.float64)[:, None]  # noqa: E731
+    return float(spearman_per_column(col(x), col(y))[0])
 
 
 def head_table(attr, metrics, window: tuple[int, int]) -> list[dict[str, Any]]:

@@ -41,7 +41,6 @@ from explaind_tl.engine.assemble import finish, sweep_facts
 from explaind_tl.engine.certify import Certifier
 from explaind_tl.engine.options import QUERY_GRADS, UNSET, ExplainOptions
 from explaind_tl.engine.plan import (
-    check_lm_mask,
     check_lm_queries,
     default_query_chunk,
     make_plan,
@@ -53,7 +52,7 @@ from explaind_tl.engine.resume import Resume, fingerprint
 from explaind_tl.engine.seen import run_seen
 from explaind_tl.engine.setup import Setup
 from explaind_tl.engine.validate import as_trajectory, check_arguments, check_flag
-from explaind_tl.metrics import LM_METRICS, read_positions, resolve_metric
+from explaind_tl.metrics import LM_METRICS, resolve_metric
 from explaind_tl.model.components import ComponentMap
 from explaind_tl.run.step import torch_threads
 
@@ -317,8 +316,7 @@ def prepare(trajectory, queries, metric, by, components, reduce, steps, step_bin
     one = None if callable(metric) or lm else (-1 if position is None else position)
     batch = normalize_queries(queries, model, needs_label, position=one)
     if lm:  # the positions each query is scored at, checked against the queries now
-        position = read_positions(position, check_lm_queries(batch, metric))
-        check_lm_mask(batch, position)
+        position = check_lm_queries(batch, metric, position)
     else:
         position = one
 

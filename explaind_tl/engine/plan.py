@@ -17,7 +17,7 @@ from torch import Tensor
 
 from explaind_tl.axes import PSEUDO, SOURCES
 from explaind_tl.errors import QueryError
-from explaind_tl.metrics import LOSS_MASK
+from explaind_tl.metrics import LOSS_MASK, read_positions
 from explaind_tl.model.functional import model_input
 
 
@@ -116,44 +116,32 @@ def normalize_queries(
     return batch
 
 
-def check_lm_queries(batch: dict[str, Tensor], metric: str) -> int:
-    """Queries for a next-token metric: ``[Q, pos]`` tokens with ``pos >= 2`` and, if present, a
-    ``"loss_mask"`` ``[Q, pos]`` bool column marking at least one predicted token per query.
-    Returns ``pos``.
+def check_lm_queries(batch: dict[str, Tensor], metric: str, position: Any) -> list[int]:
+    """Queries for a next-token metric and the positions it reads (:func:`read_positions`).
+
+    The queries need ``[Q, pos]`` tokens with ``pos >= 2``, and a ``"loss_mask"``, if present,
+    must be bool ``[Q, pos]`` and mark, for every query, a token predicted from one of the read
+    positions (else its mean would be 0/0).
 
     Raises:
-        QueryError: naming what is wrong.
+        QueryError: naming what is wrong (and the queries concerned).
     """
     tok = batch.get("tokens")
     if tok is None or tok.ndim != 2 or tok.shape[1] < 2:
         shape = None if tok is None else tuple(tok.shape)
         raise QueryError(f"{metric} needs 'tokens' [query, pos] with pos >= 2 (a token and its successor), got {shape}")
+    positions = read_positions(position, tok.shape[1])
     mask = batch.get(LOSS_MASK)
     if mask is not None:
         if mask.dtype != torch.bool or tuple(mask.shape) != tuple(tok.shape):
             raise QueryError(f"queries' {LOSS_MASK!r} must be bool {tuple(tok.shape)}, got {mask.dtype} {tuple(mask.shape)}")
-        empty = torch.nonzero(~mask[:, 1:].any(1)).flatten()
+        empty = torch.nonzero(~mask[:, [p + 1 for p in positions]].any(1)).flatten()
         if len(empty):
-            raise QueryError(f"queries {empty[:5].tolist()} have no predicted token marked in {LOSS_MASK!r}")
-    return tok.shape[1]
-
-
-def check_lm_mask(batch: dict[str, Tensor], positions: list[int]) -> None:
-    """Every query's ``"loss_mask"`` marks a token predicted from one of the read ``positions``
-    (else its mean would be 0/0).
-
-    Raises:
-        QueryError: naming the queries with none.
-    """
-    mask = batch.get(LOSS_MASK)
-    if mask is None:
-        return
-    empty = torch.nonzero(~mask[:, [p + 1 for p in positions]].any(1)).flatten()
-    if len(empty):
-        raise QueryError(
-            f"queries {empty[:5].tolist()} mark none of the tokens predicted at positions {positions[0]}..{positions[-1]} "
-            f"in {LOSS_MASK!r}: widen position= or drop those queries"
-        )
+            raise QueryError(
+                f"queries {empty[:5].tolist()} mark none of the tokens predicted at positions {positions[0]}.."
+                f"{positions[-1]} in {LOSS_MASK!r}: widen position= or drop those queries"
+            )
+    return positions
 
 
 def take(batch: dict[str, Tensor], idx: Tensor | slice) -> dict[str, Tensor]:

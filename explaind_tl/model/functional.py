@@ -448,6 +448,8 @@ class LossFunction:
         self.dtype = dtype
         self.device = torch.device(device)
         self.wrapper = _LossModule(self.model, loss_fn)
+        per_token = getattr(loss_fn, "per_token", None)
+        self.token_wrapper = _LossModule(self.model, per_token) if callable(per_token) else None
         # the built-in last-token cross entropy through the read-out forward (checked before use)
         self.readout = None
         if fast_forward and loss_fn is last_token_cross_entropy and unsupported_reason(self.model) is None:
@@ -491,9 +493,10 @@ class LossFunction:
     def token_losses(self, params: Params, batch: dict[str, Tensor]) -> Float[Tensor, "batch term"]:
         """Each row's loss split into its token terms, ``loss_fn.per_token(model, batch)`` (rows
         sum to :meth:`losses`), through TransformerLens's forward."""
+        if self.token_wrapper is None:
+            raise ValueError("the training loss has no per_token split (loss_fn.per_token)")
         batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
-        wrapper = _LossModule(self.model, self.loss_fn.per_token)
-        return functional_call(wrapper, {"model." + k: v for k, v in params.items()}, (batch,))
+        return functional_call(self.token_wrapper, {"model." + k: v for k, v in params.items()}, (batch,))
 
 
 class _LossModule(nn.Module):

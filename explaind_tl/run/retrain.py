@@ -2,7 +2,7 @@
 
 :func:`retrain` starts from the run's initialisation and repeats every recorded step with the
 same optimizer, hyper-parameters, clipping, CPU threads and deterministic mode, through the
-project's one training step (:func:`explaind_tl.run.step.train_step`), on the recorded batch
+step replay itself uses (:meth:`~explaind_tl.Trajectory.train_step_at`), on the recorded batch
 *minus* the examples left out. With every example kept it reproduces the recorded run bit for
 bit (tested). It is what data-attribution scores are judged against (the linear datamodeling
 score of ``analyses/faithfulness``).
@@ -14,10 +14,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-from explaind_tl.model import move_model
-from explaind_tl.optim import apply_hparams, build_optimizer
-from explaind_tl.run.step import deterministic_algorithms, torch_threads, train_step
 
 Params = dict[str, Tensor]
 
@@ -44,11 +40,7 @@ def retrain(trajectory: Any, keep: Tensor | None = None, stop: int | None = None
     stop = T if stop is None else int(stop)
     if not 0 <= stop <= T:
         raise ValueError(f"stop must be in [0, {T}], got {stop}")
-    model = move_model(trajectory.build_model(), trajectory.device)
-    named = dict(model.named_parameters())
-    params = [named[k] for k in trajectory.param_names]
-    spec = trajectory.optimizer_spec
-    opt = build_optimizer(spec, params)
+    model, opt, params = trajectory.fresh_training()
     for s in range(stop):
         ids = trajectory.batch_ids(s)
         if keep is not None:
@@ -56,8 +48,5 @@ def retrain(trajectory: Any, keep: Tensor | None = None, stop: int | None = None
             if len(ids) == 0:
                 continue
         batch = {k: v.to(trajectory.device) for k, v in trajectory.batch(ids).items()}
-        hp = trajectory.hyperparameters(s)
-        apply_hparams(opt, spec.kind, hp)
-        with torch_threads(trajectory.torch_num_threads), deterministic_algorithms(trajectory.deterministic):
-            train_step(model, opt, params, trajectory.loss_fn, batch, trajectory.clip_grad_norm, lr=hp["lr"])
+        trajectory.train_step_at(s, model, opt, params, batch)
     return {k: p.detach().clone() for k, p in zip(trajectory.param_names, params)}

@@ -298,13 +298,29 @@ class Trajectory:
                 named[n].copy_(t)
         restore_initial(model, self.checkpoint(0))
 
+    def fresh_training(self) -> tuple[nn.Module, torch.optim.Optimizer, list[nn.Parameter]]:
+        """``(model, optimizer, params)`` at the run's initialisation on the replay device, the
+        optimizer rebuilt from the recorded spec (what replay and retraining step)."""
+        model = move_model(self.build_model(), self.device)
+        named = dict(model.named_parameters())
+        params = [named[n] for n in self.param_names]
+        return model, build_optimizer(self.optimizer_spec, params), params
+
+    def train_step_at(self, s: int, model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter],
+                      batch: dict[str, Tensor], capture_grads: bool = False) -> Any:
+        """Step ``s`` as recorded (its hyper-parameters, clipping, threads, deterministic mode) on
+        ``batch``: the one training step of replay and of :func:`explaind_tl.run.retrain.retrain`."""
+        hp = self.hyperparameters(s)
+        apply_hparams(opt, self.optimizer_spec.kind, hp)
+        with torch_threads(self.torch_num_threads), deterministic_algorithms(self.deterministic, f"replaying step {s}"), \
+                checks.as_trajectory_error(f"replaying step {s} of {self.run_dir} failed (its recorded data does not "
+                                           "fit the model and loss_fn)"):
+            return train_step(model, opt, params, self.loss_fn, batch, self.clip_grad_norm, lr=hp["lr"],
+                              capture_grads=capture_grads)
+
     def _work_model(self) -> tuple[nn.Module, torch.optim.Optimizer, list[nn.Parameter]]:
         if self._work is None:
-            model = move_model(self.build_model(), self.device)
-            named = dict(model.named_parameters())
-            params = [named[n] for n in self.param_names]
-            opt = build_optimizer(self.optimizer_spec, params)
-            self._work = (model, opt, params)
+            self._work = self.fresh_training()
         return self._work
 
     def _checkpoint_entry(self, step: int) -> dict[str, Any]:
@@ -373,11 +389,7 @@ class Trajectory:
             w_s = {n: p.detach().clone() for n, p in zip(self.param_names, params)} if capture else None
             state_before = state_dict_by_key(opt, self.param_names) if capture else None
             hp = self.hyperparameters(s)
-            apply_hparams(opt, spec.kind, hp)
-            with torch_threads(self.torch_num_threads), deterministic_algorithms(self.deterministic, f"replaying step {s}"), \
-                    checks.as_trajectory_error(f"replaying step {s} of {self.run_dir} failed (its recorded data does not "
-                                               "fit the model and loss_fn)"):
-                out = train_step(model, opt, params, self.loss_fn, batch, self.clip_grad_norm, lr=hp["lr"], capture_grads=capture)
+            out = self.train_step_at(s, model, opt, params, batch, capture_grads=capture)
             if out.loss != self._loss[s]:
                 self.loss_mismatch.setdefault(s, (out.loss, self._loss[s]))
             if capture:

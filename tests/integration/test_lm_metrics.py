@@ -156,7 +156,7 @@ def test_explain_refuses_bad_lm_queries(run):
     tokens = sequences(3)
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[1:, -1] = True
-    with pytest.raises(QueryError, match=r"queries \[0\] have no predicted token marked"):
+    with pytest.raises(QueryError, match=r"queries \[0\] mark none of the tokens predicted at positions 0\.\.6"):
         explain(run, {"tokens": tokens, "loss_mask": mask}, metric="next_token_logprob", progress=False)
     with pytest.raises(QueryError, match="last position"):
         explain(run, {"tokens": tokens}, metric="next_token_logprob", position=-1, progress=False)
