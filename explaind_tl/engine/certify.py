@@ -91,11 +91,13 @@ class Certifier:
 
     def measures_in_background(self) -> bool:
         """Whether :meth:`measure` may run on another thread while this one takes gradients: the
-        float64 forwards then use a model object of their own (the certificate's copy, distinct
-        from the working-dtype one) and TransformerLens's forward (the read-out path compares
-        itself with TransformerLens at checkpoints, on the same object)."""
+        float64 forwards then use objects of their own (the certificate's model copy, or its
+        read-out forward, distinct from the working-dtype ones). The read-out forward is a pure
+        function of the parameters passed to it; its checks against TransformerLens at
+        checkpoints (this thread) only read the certificate's model, through
+        ``functional_call``, which the background read-out forward never touches."""
         qf = self.ctx.qf
-        return qf.readout is None and qf.cert_model is not qf.model
+        return qf.cert_model is not qf.model and (qf.readout is None or qf.cert_readout is not qf.readout)
 
     def measure(self, params: Params) -> tuple[Tensor, Tensor | None, Tensor]:
         """The certificate's forwards at ``params`` (no bookkeeping; see :meth:`endpoint`)."""
@@ -219,19 +221,18 @@ class Certifier:
                 for r, q_at in extra:
                     view[q_at].add_(gn[r])
             return phi
+        if tangents is None:  # aggregated rows: the node-weighted gradient of the weighted query sum
+            rw = (plan.weights[rows_q][:, None] * weights).to(self.ctx.device)
+            g = self.ctx.qf.aggregate_quadrature(w, delta, t_nodes.tolist(), rw, sub, plan.resolve_output)  # [O', *]
+            phi += self.ctx.layout.flatten(g, lead=1, dtype=phi.dtype)
+            return phi
         for j, tj in enumerate(t_nodes.tolist()):
             p = {k: w[k] + tj * delta[k] for k in self.ctx.names}
-            wj = weights[:, j]
-            if tangents is not None:
-                d = self.ctx.qf.per_query_directional(p, sub, tangents, plan.resolve_output)  # [T, rows, O']
-                d = d.to(torch.float64) * wj.to(self.ctx.device, torch.float64)[None, :, None]
-                per_q = torch.zeros(d.shape[0], len(idx), o, dtype=torch.float64, device=self.ctx.device)
-                per_q.index_add_(1, pos.to(self.ctx.device), d)
-                phi += per_q.reshape(d.shape[0], -1).T
-            else:
-                rw = (plan.weights[rows_q] * wj).to(self.ctx.device)
-                g = self.ctx.qf.aggregate_grad(p, sub, rw, plan.resolve_output)  # [O', *]
-                phi += self.ctx.layout.flatten(g, lead=1, dtype=phi.dtype)
+            d = self.ctx.qf.per_query_directional(p, sub, tangents, plan.resolve_output)  # [T, rows, O']
+            d = d.to(torch.float64) * weights[:, j].to(self.ctx.device, torch.float64)[None, :, None]
+            per_q = torch.zeros(d.shape[0], len(idx), o, dtype=torch.float64, device=self.ctx.device)
+            per_q.index_add_(1, pos.to(self.ctx.device), d)
+            phi += per_q.reshape(d.shape[0], -1).T
         return phi
 
     def phi(

@@ -33,7 +33,8 @@ class Setup:
         cmap: the component map, or ``None`` without a component axis.
         options: the resolved options (``dtype`` and ``query_chunk`` set).
         device: where the work runs.
-        position: the position a built-in metric reads (``None`` for a callable metric).
+        position: the position a built-in metric reads, or a next-token metric's read positions
+            (``None`` for a callable metric).
         directional: per-query rows by forward-mode derivatives (``query_grads``).
         sweep_window: the steps to sweep, inside ``plan.window`` (default: all of it).
     """
@@ -47,7 +48,7 @@ class Setup:
         cmap: Any,
         options: ExplainOptions,
         device: torch.device,
-        position: int | None,
+        position: int | list[int] | None,
         directional: bool,
         sweep_window: tuple[int, int] | None = None,
     ) -> None:
@@ -75,7 +76,7 @@ class Setup:
         self.position = position
         self.qf = QueryFunction(
             model, self.names, metric_fn, dtype=dtype, device=device,
-            position=position if options.fast_forward and isinstance(position, int) else None,  # read-out: one position
+            position=position if options.fast_forward else None,  # read-out: a built-in metric's position(s)
         )
         # the read-out forward is checked against TransformerLens on the queries before use
         self.readout_error = None

@@ -98,9 +98,11 @@ class QueryFunction:
         metric: ``fn(logits, batch) -> [Q] or [Q, O]``.
         dtype: working dtype of the gradients.
         cert_dtype: dtype of the certificate forwards (float64 by default).
-        position: the position a built-in metric reads; when given and the model is a
-            supported HookedTransformer, every forward uses the read-out forward
-            (:mod:`explaind_tl.model.readout`), which :meth:`check_readout` compares with the model's own.
+        position: the position a built-in metric reads, or the list of positions a next-token
+            metric reads (its logits then come as ``[Q, pos, vocab]``, 0 at the positions not
+            read); when given and the model is a supported HookedTransformer, every forward
+            uses the read-out forward (:mod:`explaind_tl.model.readout`), which
+            :meth:`check_readout` compares with the model's own.
     """
 
     def __init__(
@@ -111,7 +113,7 @@ class QueryFunction:
         dtype: torch.dtype = torch.float32,
         cert_dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
-        position: int | None = None,
+        position: int | list[int] | None = None,
     ) -> None:
         self.names = list(names)
         self.metric = metric
@@ -146,7 +148,8 @@ class QueryFunction:
 
         ``cert=True`` evaluates in ``cert_dtype`` (the certificate), otherwise in the working
         dtype; either through the read-out forward when it is in use, else the model's own.
-        ``path=(delta, t)`` (read-out forward only): row ``i`` at ``params + t[i] * delta``.
+        ``path=(delta, t)`` (read-out forward only): row ``i`` at ``params + t[i] * delta``
+        (:meth:`aggregate_quadrature`, :meth:`per_query_quadrature`).
         """
         batch = dict(batch)
         kmask, kval = batch.pop(KINK_MASK, None), batch.pop(KINK_ON, None)
@@ -341,6 +344,44 @@ class QueryFunction:
             return jacrev(f)(params)
         return {k: g.unsqueeze(0) for k, g in grad(lambda p: f(p)[0])(params).items()}  # no vmap for one row
 
+    def aggregate_quadrature(
+        self,
+        params: Params,
+        delta: Params,
+        t_nodes: list[float],
+        weights: Float[Tensor, "query node"],
+        batch: dict[str, Tensor],
+        resolve_outputs: bool,
+    ) -> dict[str, Tensor]:
+        """``Σ_i Σ_j weights[i, j] ∇q_i(params + t_j delta)``: the node-weighted gradient of the
+        weighted query sum, ``[R, *shape]`` (``R = O`` when ``resolve_outputs`` else 1).
+
+        With the read-out forward the nodes are stacked as rows of one batch evaluated along the
+        path (``n`` nodes x ``Q`` queries, one forward and one backward, every weight matrix in
+        one product); otherwise one :meth:`aggregate_grad` per node, summed.
+        """
+        n = len(t_nodes)
+        w = weights.to(self.dtype)
+        if self.readout is None or n == 1:
+            total: dict[str, Tensor] | None = None
+            for j, tj in enumerate(t_nodes):
+                g = self.aggregate_grad({k: params[k] + tj * delta[k] for k in params}, batch, w[:, j], resolve_outputs)
+                total = g if total is None else {k: total[k] + g[k] for k in g}
+            return total
+        t = torch.tensor(t_nodes, dtype=self.dtype, device=self.device)  # one per group of Q rows, node-major
+        d = {k: v.to(self.dtype) for k, v in delta.items()}
+        stacked = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in batch.items()}
+        w_rows = w.T.reshape(-1)  # row j * Q + i: weights[i, j]
+
+        def f(p: Params) -> Tensor:
+            v = self._values(p, stacked, path=(d, t))  # [n * Q, O]
+            out = (v * w_rows[:, None]).sum(0)
+            return out if resolve_outputs else out.sum().reshape(1)
+
+        if resolve_outputs:
+            return jacrev(f)(params)
+        return {k: g.unsqueeze(0) for k, g in grad(lambda p: f(p)[0])(params).items()}
+
     def per_query_directional(
         self, params: Params, batch: dict[str, Tensor], tangents: Params, resolve_outputs: bool
     ) -> Float[Tensor, "tangent query output"]:
@@ -381,8 +422,8 @@ class QueryFunction:
         the weighted sum of the node gradients, so the node sum happens inside the backward and
         one ``[Q, R, P]`` block is returned (autograd still forms one per node and adds them).
         With the read-out forward, a query's nodes are rows of one batch evaluated along the path
-        (:meth:`Readout.logits` ``path=``), so each weight matrix's gradient is one product over
-        nodes and positions: no per-node ``[Q, R, P]`` block at all.
+        (:meth:`Readout.logits` ``path=``), so each weight matrix's gradient is one batched
+        product over nodes and positions: no per-node ``[Q, R, P]`` block at all.
         """
         n = len(t_nodes)
         if self.readout is not None and n > 1:

@@ -266,3 +266,154 @@ def test_training_loss_through_readout_matches(relu_run):
     kw = dict(by=("component", "train"), components="head", dtype=torch.float64, tol=1e-10, progress=False)
     a, b = explain(traj, test, **kw), explain(traj, test, fast_forward=False, **kw)
     assert_close_scaled(a.values, b.values, 1e-9)  # both certified to tol=1e-10 per step
+
+
+# ------------------------------------------------------------------ several read positions
+READS = {"contiguous": [1, 2, 3], "gaps": [0, 2, 4], "one_early": [1], "all_but_last": None}  # of 6 positions
+
+
+def _reads(name: str, n_ctx: int) -> list[int]:
+    return list(range(n_ctx - 1)) if READS[name] is None else READS[name]
+
+
+def lm_tokens(model, n: int) -> torch.Tensor:
+    """Sequences whose every token is also a valid next-token label (``< d_vocab_out``)."""
+    return tokens_for(model, n=n) % model.cfg.d_vocab_out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("reads", list(READS))
+@pytest.mark.parametrize("n_tokens", [2, 40])  # layer 0 computed directly / from the (token, position) table
+def test_several_read_positions_match_transformer_lens(name, reads, n_tokens):
+    """Logits at every read position equal TransformerLens's (0 elsewhere); next-token metric
+    gradients through the read-out forward equal those through TransformerLens's forward."""
+    model = randomised({**CONFIGS[name], "n_ctx": 6})
+    tok = lm_tokens(model, n_tokens)
+    read = _reads(reads, tok.shape[1])
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ours, _ = Readout(model, read).logits(params, tok)
+    with torch.no_grad():
+        ref = model(tok)
+    assert ours.shape == ref.shape
+    assert_close_scaled(ours[:, read], ref[:, read], 1e-12)
+    others = [p for p in range(tok.shape[1]) if p not in read]
+    assert bool((ours[:, others] == 0).all())
+
+    metric, _ = resolve_metric("next_token_logprob", read)
+    fast = QueryFunction(model, list(params), metric, dtype=torch.float64, position=read)
+    slow = QueryFunction(model, list(params), metric, dtype=torch.float64)
+    assert fast.readout is not None and slow.readout is None
+    batch = {"tokens": tok}
+    assert_close_scaled(fast.values(params, batch), slow.values(params, batch), 1e-12)
+    w = torch.linspace(0.5, 1.5, len(tok), dtype=torch.float64)
+    assert_close_scaled(fast.aggregate_grad(params, batch, w, False), slow.aggregate_grad(params, batch, w, False), 1e-12)
+    assert_close_scaled(fast.per_query_grad(params, batch, False), slow.per_query_grad(params, batch, False), 1e-12)
+
+
+@pytest.mark.parametrize("reads", ["gaps", "contiguous"])
+def test_several_read_positions_preacts_and_forcing(reads):
+    model = randomised(dict(n_layers=2, n_ctx=6))
+    tok = lm_tokens(model, 6)
+    read = _reads(reads, tok.shape[1])
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    metric, _ = resolve_metric("next_token_logprob", read)
+    fast = QueryFunction(model, list(params), metric, dtype=torch.float64, position=read)
+    slow = QueryFunction(model, list(params), metric, dtype=torch.float64)
+    batch = {"tokens": tok}
+    _, z_fast = fast.values_and_preacts(params, batch, cert=False)
+    _, z_slow = slow.values_and_preacts(params, batch, cert=False)
+    keep = readout_units(model.cfg, tok.shape[1], read)
+    # the last layer keeps only the read positions' units
+    last = keep[-tok.shape[1] * model.cfg.d_mlp:].reshape(tok.shape[1], -1)
+    assert last[read].all() and not last[[p for p in range(tok.shape[1]) if p not in read]].any()
+    assert_close_scaled(z_fast[:, keep], z_slow[:, keep], 1e-12)
+    assert bool((z_fast[:, ~keep] == 0).all())
+    g = torch.Generator().manual_seed(5)
+    mask = (torch.rand(z_fast.shape, generator=g) < 0.3) & keep
+    on = torch.rand(z_fast.shape, generator=g) < 0.5
+    forced = {**batch, KINK_MASK: mask, KINK_ON: on}
+    w = torch.ones(6, dtype=torch.float64)
+    g_fast = fast.aggregate_grad(params, forced, w, False)
+    g_slow = slow.aggregate_grad(params, forced, w, False)
+    assert max(float((g_slow[k] - slow.aggregate_grad(params, batch, w, False)[k]).abs().max()) for k in params) > 1e-3
+    assert_close_scaled(g_fast, g_slow, 1e-11)
+
+
+@pytest.mark.parametrize("name", ["1L_relu", "attn_only_2L", "2L_gelu_LN"])
+@pytest.mark.parametrize("metric_name,position", [("correct_logprob", -1), ("next_token_logprob", [0, 2])])
+def test_node_stacked_aggregate_quadrature(name, metric_name, position):
+    """Groups of rows along the path (node-major, several rows per node) equal TransformerLens at
+    those parameters; the node-stacked aggregate quadrature equals one gradient per node."""
+    model = randomised({**CONFIGS[name], "n_ctx": 4})
+    tok = lm_tokens(model, 4)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(11)
+    delta = {k: 0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    t = torch.tensor([0.2, 0.7], dtype=torch.float64)
+    stacked = torch.cat([tok, tok])  # node 0's rows, then node 1's
+    ours, _ = Readout(model, position).logits(params, stacked, path=(delta, t))
+    with torch.no_grad():
+        ref = torch.cat([
+            torch.func.functional_call(model, {k: params[k] + float(tj) * delta[k] for k in params}, (tok,)) for tj in t
+        ])
+    ref = ref[:, position] if isinstance(position, int) else ref
+    if isinstance(position, int):
+        assert_close_scaled(ours, ref, 1e-12)
+    else:
+        assert_close_scaled(ours[:, position], ref[:, position], 1e-12)
+    assert float((ours[:4] - ours[4:]).abs().max()) > 1e-3  # the groups sit at different points
+    with pytest.raises(ValueError, match="values of t"):  # neither one per row nor one per equal group
+        Readout(model, position).logits(params, stacked, path=(delta, torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)))
+
+    label = {"label": torch.arange(len(tok)) % model.cfg.d_vocab_out} if metric_name == "correct_logprob" else {}
+    batch = {"tokens": tok, **label}
+    metric, _ = resolve_metric(metric_name, position)
+    fast = QueryFunction(model, list(params), metric, dtype=torch.float64, position=position)
+    slow = QueryFunction(model, list(params), metric, dtype=torch.float64)
+    if fast.has_kinks:  # forced ReLU states travel with their query's rows in every node group
+        _, z = fast.values_and_preacts(params, batch, cert=False)
+        keep = readout_units(model.cfg, tok.shape[1], position)
+        batch = {**batch, KINK_MASK: (torch.rand(z.shape, generator=g) < 0.3) & keep, KINK_ON: torch.rand(z.shape, generator=g) < 0.5}
+    nodes = [0.2, 0.5, 0.8]
+    weights = torch.rand(len(tok), len(nodes), generator=g, dtype=torch.float64)
+    for resolve in (False, True):
+        q_fast = fast.aggregate_quadrature(params, delta, nodes, weights, batch, resolve)
+        q_slow = slow.aggregate_quadrature(params, delta, nodes, weights, batch, resolve)
+        assert_close_scaled(q_fast, q_slow, 1e-11)
+
+
+def test_explain_next_token_metric_through_the_readout(tmp_path):
+    """A sequence model explained with a next-token metric at several positions: the read-out
+    forward is used (checked against TransformerLens) and gives the values of the model's own."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from explaind_tl.losses import next_token_cross_entropy
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, n_ctx=8, d_vocab=10, act_fn="gelu",
+                                  d_mlp=32, normalization_type="LN", seed=0, device="cpu")
+    model = HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    half = torch.randint(0, 10, (40, 4), generator=g)
+    data = {"tokens": torch.cat([half, half], 1)}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with TrajectoryRecorder(model, opt, tmp_path / "run", data, next_token_cross_entropy, checkpoint_every=3) as rec:
+        for _ in range(5):
+            rec.step(torch.randperm(40, generator=g)[:16])
+    traj = Trajectory.load(tmp_path / "run")
+    q = {"tokens": data["tokens"][:6], "loss_mask": torch.zeros(6, 8, dtype=torch.bool)}
+    q["loss_mask"][:, 5:] = True
+    kw = dict(metric="next_token_logprob", components="head", progress=False, dtype=torch.float64, tol=1e-10)
+    fast = explain(traj, q, by=("step", "component"), reduce="mean", **kw)
+    slow = explain(traj, q, by=("step", "component"), reduce="mean", fast_forward=False, **kw)
+    assert fast.meta["forward"] == "readout" and slow.meta["forward"] == "model"
+    assert fast.meta["readout_error"] < 1e-12
+    assert_close_scaled(fast.values, slow.values, 1e-9)
+    assert fast.completeness.summary()["total_rel"] < 1e-10
+    # per query and read position (the node-stacked per-query quadrature), against the model's forward
+    kw = {**kw, "by": ("step", "query", "position"), "position": [4, 5, 6]}
+    per_q = explain(traj, q, **kw)
+    per_q_slow = explain(traj, q, fast_forward=False, **kw)
+    assert per_q.meta["forward"] == "readout"
+    assert_close_scaled(per_q.values, per_q_slow.values, 1e-9)
+    assert per_q.completeness.summary()["total_rel"] < 1e-10
