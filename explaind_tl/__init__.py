@@ -6,12 +6,13 @@ examples and model components (heads, embeddings, unembedding, MLPs). See ``READ
 
 The layout, bottom to top (a module imports only from its own layer or the ones below):
 
-* ``errors``, ``axes``, ``certificate``, ``attribution``, ``optim``, ``quadrature``,
+* ``errors``, ``axes``, ``certificate``, ``attribution``, ``optim`` (``optim_step``), ``quadrature``,
   ``metrics``, ``losses`` — the foundations: no model, no run;
 * ``run.storage``, ``run.format`` — crash-safe files and what a run directory holds;
 * ``model`` — everything that knows TransformerLens internals (the seam);
 * ``run`` — recording (``TrajectoryRecorder``, ``train``) and exact replay (``Trajectory``);
 * ``engine`` — ``explain``: validate, plan, certified quadrature, the two sweeps, assemble;
+  ``metagradient``: reverse mode through the recorded steps;
 * ``questions``, ``plotting`` — answers and figures built on results.
 
 Studies and the command line live in ``analyses/``; nothing here imports them. Imports are lazy
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time every name 
     from explaind_tl.attribution import Attribution as Attribution
     from explaind_tl.certificate import Completeness as Completeness
     from explaind_tl.engine.api import explain as explain
+    from explaind_tl.engine.metagrad import metagradient as metagradient
     from explaind_tl.engine.options import ExplainOptions as ExplainOptions
     from explaind_tl.errors import CertificateError as CertificateError
     from explaind_tl.errors import CertificateWarning as CertificateWarning
@@ -66,6 +68,7 @@ _LAZY = {
     "CertificateError": "explaind_tl.errors",
     "ExplainWorkerError": "explaind_tl.errors",
     "explain": "explaind_tl.engine.api",
+    "metagradient": "explaind_tl.engine.metagrad",
     "ExplainOptions": "explaind_tl.engine.options",
     "Attribution": "explaind_tl.attribution",
     "Completeness": "explaind_tl.certificate",

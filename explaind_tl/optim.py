@@ -543,3 +543,4 @@ def reconstruct_update(
             d = d - coeffs.decoupled_wd * w.to(torch.float64)
         out[n] = d
     return out
+

@@ -4,7 +4,9 @@
   ``q(w_T) - q(w_0)``, seen clock), float64;
 * ``tracin``: ``Σ_s -lr_s <∇q(w_s), ∇ℓ_i(w_s)>`` over the steps whose batch held example ``i``
   (Pruthi et al. 2020, every step, no optimizer preconditioning);
-* ``grad_dot``: ``-<∇q(w_T), ∇ℓ_i(w_T)>`` at the final parameters.
+* ``grad_dot``: ``-<∇q(w_T), ∇ℓ_i(w_T)>`` at the final parameters;
+* ``metagradient``: ``∂q(w_T) / ∂ε_i`` through every recorded step (:func:`explaind_tl.metagradient`,
+  reverse mode through the optimizer), float64.
 
 A score predicts how much keeping the example adds to the query's output, so every method's
 prediction for a subset is the sum of its kept examples' scores.
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-METHODS = ("explaind_tl", "tracin", "grad_dot")
+METHODS = ("explaind_tl", "tracin", "grad_dot", "metagradient")
 
 
 def explaind_scores(traj: Any, queries: dict, metric: Any, position: Any = None, progress: bool = False) -> Tensor:
@@ -27,6 +29,12 @@ def explaind_scores(traj: Any, queries: dict, metric: Any, position: Any = None,
                    progress=progress)
     ids = [t for t in attr.coords["train"] if isinstance(t, int)]
     return attr.sel(train=ids).values.to(torch.float64)  # [N, Q]
+
+
+def metagradient_scores(traj: Any, queries: dict, metric: Any, position: Any = None, progress: bool = False) -> Tensor:
+    from explaind_tl import metagradient
+
+    return metagradient(traj, queries, metric=metric, position=position, progress=progress).values  # [N, Q]
 
 
 def _functions(traj: Any, metric: Any, position: Any):
@@ -82,4 +90,6 @@ def scores(method: str, traj: Any, queries: dict, metric: Any, position: Any = N
         return tracin_scores(traj, queries, metric, position)
     if method == "grad_dot":
         return grad_dot_scores(traj, queries, metric, position)
+    if method == "metagradient":
+        return metagradient_scores(traj, queries, metric, position)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")

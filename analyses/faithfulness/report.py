@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-NAMES = {"explaind_tl": "ExPLAIND train axis", "tracin": "TracIn (every step)", "grad_dot": "final gradient dot"}
+NAMES = {"explaind_tl": "ExPLAIND train axis", "tracin": "TracIn (every step)", "grad_dot": "final gradient dot",
+         "metagradient": "exact metagradient"}
 
 
 def compare(a: dict, b: dict) -> str:
@@ -104,6 +105,15 @@ def write_report(out: str | Path, result: dict) -> Path:
     if verdicts:
         lines += ["**Where ExPLAIND's train axis stands** (\"ties\" when the 95% intervals overlap): "
                   + "; ".join(verdicts) + ".", ""]
+    meta_verdicts = [
+        f"at drop {f} it {compare(block['metagradient'], b)} against {NAMES.get(m, m)} "
+        f"({block['metagradient']['mean']:.3f} vs {b['mean']:.3f})"
+        for f, block in result["lds_by_fraction"].items() if "metagradient" in block
+        for m, b in block.items() if m not in ("metagradient", "explaind_tl")
+    ]
+    if meta_verdicts:
+        lines += ["**Where the exact metagradient stands** (the derivative of the final output with respect to a "
+                  "weight on each example's loss, through every recorded step): " + "; ".join(meta_verdicts) + ".", ""]
     if "ablation" in result:
         lines += _ablation(out, result["ablation"])
     lines += [f"Time: training {s['train']:.1f} s; " + ", ".join(

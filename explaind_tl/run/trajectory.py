@@ -123,7 +123,6 @@ def _clone(d: Params) -> Params:
     return {k: v.detach().clone() for k, v in d.items()}
 
 
-
 class Trajectory:
     """A recorded training run: checkpoints, step records, and exact replay.
 
@@ -307,15 +306,16 @@ class Trajectory:
         return model, build_optimizer(self.optimizer_spec, params), params
 
     def train_step_at(self, s: int, model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter],
-                      batch: dict[str, Tensor], capture_grads: bool = False) -> Any:
+                      batch: dict[str, Tensor], capture_grads: bool = False, loss_fn: Any = None) -> Any:
         """Step ``s`` as recorded (its hyper-parameters, clipping, threads, deterministic mode) on
-        ``batch``: the one training step of replay and of :func:`explaind_tl.run.retrain.retrain`."""
+        ``batch``, the one step of replay and :func:`~explaind_tl.run.retrain.retrain` (``loss_fn``:
+        a per-example loss in place of the run's, e.g. a reweighted one)."""
         hp = self.hyperparameters(s)
         apply_hparams(opt, self.optimizer_spec.kind, hp)
         with torch_threads(self.torch_num_threads), deterministic_algorithms(self.deterministic, f"replaying step {s}"), \
                 checks.as_trajectory_error(f"replaying step {s} of {self.run_dir} failed (its recorded data does not "
                                            "fit the model and loss_fn)"):
-            return train_step(model, opt, params, self.loss_fn, batch, self.clip_grad_norm, lr=hp["lr"],
+            return train_step(model, opt, params, loss_fn or self.loss_fn, batch, self.clip_grad_norm, lr=hp["lr"],
                               capture_grads=capture_grads)
 
     def _work_model(self) -> tuple[nn.Module, torch.optim.Optimizer, list[nn.Parameter]]:

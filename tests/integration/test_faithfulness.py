@@ -116,12 +116,13 @@ def test_faithfulness_command_on_the_tiny_induction_study(tmp_path, capsys):
     res = json.loads((out / "faithfulness.json").read_text())
     assert set(res["lds_by_fraction"]) == {"0.5", "0.05"} and res["lds"] == res["lds_by_fraction"]["0.5"]
     for block in res["lds_by_fraction"].values():
-        assert set(block) == {"explaind_tl", "tracin", "grad_dot"}
+        assert set(block) == {"explaind_tl", "tracin", "grad_dot", "metagradient"}
         for b in block.values():
             assert b["n_subsets"] == 5 and b["n_queries"] == 4 and len(b["ci95"]) == 2
             assert -1.0 <= b["mean"] <= 1.0
     report = (out / "report.md").read_text()
     assert "| 0.05 | ExPLAIND train axis |" in report and (out / "lds.png").stat().st_size > 1000
+    assert "| 0.05 | exact metagradient |" in report and "Where the exact metagradient stands" in report
     abl = res["ablation"]
     assert set(abl) == {"explaind_tl", "attribution_patching", "weight_norm", "random"}
     n_heads = 2 * 2  # tiny induction: 2 layers x 2 heads

@@ -35,7 +35,7 @@ MAX_LINES = 600
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
     (0, ("explaind_tl._version", "explaind_tl.errors", "explaind_tl.axes",
          "explaind_tl.run", "explaind_tl.engine")),
-    (1, ("explaind_tl.certificate", "explaind_tl.attribution", "explaind_tl.optim",
+    (1, ("explaind_tl.certificate", "explaind_tl.attribution", "explaind_tl.optim", "explaind_tl.optim_step",
          "explaind_tl.quadrature", "explaind_tl.contraction", "explaind_tl.metrics", "explaind_tl.losses")),
     (2, ("explaind_tl.run.storage", "explaind_tl.run.format", "explaind_tl.run.trust",
          "explaind_tl.run.validate", "explaind_tl.run.checks", "explaind_tl.run.codec")),
