@@ -5,7 +5,8 @@ training example for each query (:mod:`.methods`), and ``M`` random subsets per 
 are retrained from the same initialisation with the same batches minus the left-out examples
 (:func:`explaind_tl.run.retrain.retrain`, the project's one training step). The LDS of each
 method (:mod:`.lds`) goes to ``DIR/faithfulness.json`` and ``DIR/report.md``, with the head
-ablation curves of four rankings (:mod:`.ablation`).
+ablation curves of four rankings (:mod:`.ablation`) and the parameter-pruning curves of three
+(:mod:`.pruning`).
 
 Cost: recording once, scoring (the train-axis explain; TracIn's per-step query gradients), and
 ``M x len(drops)`` retrainings of the whole run, which dominate: a retraining costs about one
@@ -41,6 +42,7 @@ class Study:
     metric: str
     position: Any
     train_seconds: float
+    evaluation: dict | None = None  # a larger held-out set for the pruning test (labels or loss_mask)
 
 
 def prepare_study(study: str, config: str, out: Path, n_queries: int | None, steps: int | None, progress: bool) -> Study:
@@ -55,7 +57,7 @@ def prepare_study(study: str, config: str, out: Path, n_queries: int | None, ste
         test = dataset_tensors(res.test_data)
         k = n_queries or 16
         return Study(study, config, res.trajectory, {n: v[:k] for n, v in test.items()}, "correct_logprob", -1,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, evaluation=test)
     if study == "induction":
         from analyses.induction.pipeline import train_run
         from analyses.induction.task import get_config, make_sequences
@@ -65,8 +67,9 @@ def prepare_study(study: str, config: str, out: Path, n_queries: int | None, ste
             cfg = cfg.replace(steps=steps)
         traj, _, seconds = train_run(cfg, out / "run", progress=progress)
         q = make_sequences(cfg, n_queries or 16, cfg.seed + 3, repeat_fraction=1.0)
+        ev = make_sequences(cfg, 256, cfg.seed + 4, repeat_fraction=1.0)
         return Study(study, config, traj, {"tokens": q["tokens"], "loss_mask": q["copy_mask"]}, "next_token_logprob",
-                     None, seconds)
+                     None, seconds, evaluation={"tokens": ev["tokens"], "loss_mask": ev["copy_mask"]})
     raise ValueError(f"unknown study {study!r}; choose 'grokking' or 'induction'")
 
 
@@ -87,10 +90,11 @@ def query_outputs(traj: Any, params: dict, queries: dict, metric: str, position:
 def run_faithfulness(
     study: str, config: str, out: str | Path, *, subsets: int = 64, drops: tuple[float, ...] = (0.5, 0.05),
     methods: tuple[str, ...] = METHODS, n_queries: int | None = None, steps: int | None = None, seed: int = 0,
-    progress: bool = True, ablation: bool = True,
+    progress: bool = True, ablation: bool = True, pruning: bool = True,
 ) -> dict:
     """Record, score, retrain and measure (see the module docstring); with ``ablation``, also
-    the head-ablation curves of :mod:`.ablation`. Returns the JSON written."""
+    the head-ablation curves of :mod:`.ablation`; with ``pruning``, the parameter-pruning curves
+    of :mod:`.pruning`. Returns the JSON written."""
     from tqdm.auto import tqdm
 
     from explaind_tl.run.retrain import retrain
@@ -126,6 +130,13 @@ def run_faithfulness(
         t0 = time.perf_counter()
         ablation_block = run_ablation(traj, st.queries, st.metric, st.position)
         timings["ablation"] = time.perf_counter() - t0
+    pruning_block = None
+    if pruning:
+        from .pruning import run_pruning
+
+        t0 = time.perf_counter()
+        pruning_block = run_pruning(traj, st.queries, st.evaluation or st.queries, st.metric, st.position)
+        timings["pruning"] = time.perf_counter() - t0
     first = f"{drops[0]:g}" if 0.5 not in drops else "0.5"
     result = {
         "study": study, "config": config, "num_steps": traj.num_steps, "num_train": traj.num_train,
@@ -134,6 +145,8 @@ def run_faithfulness(
     }
     if ablation_block is not None:
         result["ablation"] = ablation_block
+    if pruning_block is not None:
+        result["pruning"] = pruning_block
     (out / "faithfulness.json").write_text(json.dumps(result, indent=2))
     from .report import write_report
 

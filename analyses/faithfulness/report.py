@@ -58,21 +58,63 @@ def _ablation(out: Path, block: dict) -> list[str]:
     for ax, mode in zip(axes, ("zero", "mean")):
         for name, b in block.items():
             ax.plot(b["k"], b[mode], marker="o", ms=3, label=ABLATION_NAMES.get(name, name))
-        ax.set(title=f"{mode}-ablating the top-k heads", xlabel="k", ylabel="query metric (mean)")
+        ax.set(title=f"{mode}-ablating the top-k units", xlabel="k", ylabel="query metric (mean)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "ablation.png")
     plt.close(fig)
-    lines = ["## Head ablation", "",
-             "The top-k heads of each ranking ablated in the final model (TransformerLens hooks on `hook_z`); "
+    n_units = len(block["random"]["k"]) - 1
+    lines = ["## Component ablation", "",
+             f"The top-k of the model's {n_units} units (attention heads through `hook_z`, MLP neurons through "
+             "`hook_post`, the token and positional embeddings) in each ranking's order, ablated in the final model; "
              "score: mean fall of the query metric over k = 1..K (higher: the ranking finds what the output "
-             "depends on).", "", "| ranking | zero-ablation fall | mean-ablation fall | order |", "|---|---|---|---|"]
+             "depends on).", "", "| ranking | zero-ablation fall | mean-ablation fall | first in order |", "|---|---|---|---|"]
     for name, b in block.items():
+        first = b.get("order", [])
+        shown = " ".join(first[:8]) + (" ..." if len(first) > 8 else "")
         lines.append(f"| {ABLATION_NAMES.get(name, name)} | {b['area_zero']:.4f} | {b['area_mean']:.4f} | "
-                     f"{' '.join(b.get('order', [])) or '-'} |")
+                     f"{shown or '-'} |")
     best = {m: max(block, key=lambda n: block[n][f"area_{m}"]) for m in ("zero", "mean")}
     lines += ["", f"Largest fall: {ABLATION_NAMES.get(best['zero'], best['zero'])} (zero-ablation), "
               f"{ABLATION_NAMES.get(best['mean'], best['mean'])} (mean-ablation).", "", "![ablation.png](ablation.png)", ""]
+    return lines
+
+
+PRUNING_NAMES = {"explaind_tl": "ExPLAIND (per-weight attribution, abs. summed over queries)", "magnitude": "magnitude",
+                 "random": "random (mean of seeds)"}
+
+
+def _pruning(out: Path, block: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in PRUNING_NAMES if n in block]
+    fr = block["fractions"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    for ax, key in zip(axes, ("accuracy", "agreement")):
+        for name in names:
+            ax.plot(fr, block[name][key], marker="o", ms=3, label=PRUNING_NAMES[name])
+        ax.set(xscale="log", xlabel="fraction of weights pruned", ylabel=key,
+               title=f"{key} after pruning the lowest-ranked weights")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "pruning.png")
+    plt.close(fig)
+    lines = ["## Parameter pruning", "",
+             f"The lowest-ranked fraction of the {block['n_params']:,} trainable weights set to 0 in the final model; "
+             f"accuracy and agreement with the unpruned model over {block['n_predictions']:,} held-out predictions "
+             f"(unpruned accuracy {block['unpruned']['accuracy']:.3f}).", "",
+             "| fraction pruned | " + " | ".join(f"{PRUNING_NAMES[n]}: accuracy / agreement" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for i, f in enumerate(fr):
+        lines.append(f"| {f:g} | " + " | ".join(f"{block[n]['accuracy'][i]:.3f} / {block[n]['agreement'][i]:.3f}"
+                                               for n in names) + " |")
+    mean_agree = {n: sum(block[n]["agreement"]) / len(fr) for n in names}
+    best = max(mean_agree, key=mean_agree.get)
+    lines += ["", "Mean agreement over the fractions: " + ", ".join(f"{PRUNING_NAMES[n]} {mean_agree[n]:.3f}" for n in names)
+              + f"; highest: {PRUNING_NAMES[best]}.", "", "![pruning.png](pruning.png)", ""]
     return lines
 
 
@@ -116,7 +158,10 @@ def write_report(out: str | Path, result: dict) -> Path:
                   "weight on each example's loss, through every recorded step): " + "; ".join(meta_verdicts) + ".", ""]
     if "ablation" in result:
         lines += _ablation(out, result["ablation"])
+    if "pruning" in result:
+        lines += _pruning(out, result["pruning"])
     lines += [f"Time: training {s['train']:.1f} s; " + ", ".join(
-        f"{k[6:]} scores {v:.1f} s" for k, v in s.items() if k.startswith("score_")) + f"; retraining {s['retrain']:.1f} s.", ""]
+        f"{k[6:]} scores {v:.1f} s" for k, v in s.items() if k.startswith("score_")) + f"; retraining {s['retrain']:.1f} s"
+        + "".join(f"; {k} {s[k]:.1f} s" for k in ("ablation", "pruning") if k in s) + ".", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"

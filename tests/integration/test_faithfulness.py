@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -125,14 +126,19 @@ def test_faithfulness_command_on_the_tiny_induction_study(tmp_path, capsys):
     assert "| 0.05 | exact metagradient |" in report and "Where the exact metagradient stands" in report
     abl = res["ablation"]
     assert set(abl) == {"explaind_tl", "attribution_patching", "weight_norm", "random"}
-    n_heads = 2 * 2  # tiny induction: 2 layers x 2 heads
+    units = ["L0H0", "L0H1", "L1H0", "L1H1", "embed", "pos_embed"]  # tiny induction: attention-only, 2 x 2 heads
     for name, b in abl.items():
-        assert len(b["zero"]) == len(b["mean"]) == n_heads + 1
+        assert len(b["zero"]) == len(b["mean"]) == len(units) + 1
         if name != "random":
-            assert sorted(b["order"]) == ["L0H0", "L0H1", "L1H0", "L1H1"]
+            assert sorted(b["order"]) == units
         assert b["zero"][0] == pytest.approx(abl["random"]["zero"][0])  # k = 0: nothing ablated
-        assert b["zero"][-1] == pytest.approx(abl["random"]["zero"][-1])  # k = K: every head ablated
-    assert "## Head ablation" in report and (out / "ablation.png").stat().st_size > 1000
+        assert b["zero"][-1] == pytest.approx(abl["random"]["zero"][-1])  # k = K: every unit ablated
+    assert "## Component ablation" in report and (out / "ablation.png").stat().st_size > 1000
+    pr = res["pruning"]
+    assert pr["fractions"] == [0.001, 0.003, 0.01, 0.03, 0.1, 0.3] and pr["n_predictions"] > 100
+    for name in ("explaind_tl", "magnitude", "random"):
+        assert len(pr[name]["accuracy"]) == len(pr[name]["agreement"]) == 6
+    assert "## Parameter pruning" in report and (out / "pruning.png").stat().st_size > 1000
     assert main(["faithfulness", "--study", "induction", "--out", str(out), "--subsets", "2"]) == 2
 
 
@@ -186,9 +192,10 @@ def _copy_with_w_o_scaled(model, heads, scale):
     return m
 
 
-def test_zero_ablation_equals_zeroing_the_heads_output_weights():
-    """Oracle: z_h = 0 is the same as W_O[h] = 0 (the head then adds nothing but b_O)."""
-    from analyses.faithfulness.ablation import ablated_metric, head_means
+def test_zero_ablation_equals_zeroing_the_units_output_weights():
+    """Oracles: z_h = 0 is the same as W_O[h] = 0 (the head then adds nothing but b_O); a
+    neuron's post-activation 0 is the same as its W_out row 0; the embedding 0 as W_E = 0."""
+    from analyses.faithfulness.ablation import ablated_metric, unit_means, units_of
     from explaind_tl.metrics import resolve_metric
 
     model = tiny_model(7)
@@ -198,11 +205,19 @@ def test_zero_ablation_equals_zeroing_the_heads_output_weights():
     with torch.no_grad():
         want = float(fn(_copy_with_w_o_scaled(model, heads, 0.0)(test["tokens"]).double(), test).mean())
         plain = float(fn(model(test["tokens"]).double(), test).mean())
-    assert ablated_metric(model, test, "correct_logprob", -1, heads, "zero") == pytest.approx(want, rel=1e-6)
+        m2 = copy.deepcopy(model)
+        m2.blocks[0].mlp.W_out[[3, 17]] = 0.0
+        m2.embed.W_E.zero_()
+        want_n = float(fn(m2(test["tokens"]).double(), test).mean())
+    assert ablated_metric(model, test, "correct_logprob", -1, ["L0H1", "L0H3"], "zero") == pytest.approx(want, rel=1e-6)
+    assert ablated_metric(model, test, "correct_logprob", -1, ["L0N3", "L0N17", "embed"], "zero") == pytest.approx(
+        want_n, rel=1e-6)
     assert ablated_metric(model, test, "correct_logprob", -1, [], "zero") == pytest.approx(plain, rel=1e-9)
-    means = head_means(model, test)
-    assert means[0].shape == (model.cfg.n_heads, model.cfg.d_head)
-    assert ablated_metric(model, test, "correct_logprob", -1, heads, "mean", means) != pytest.approx(want, rel=1e-6)
+    means = unit_means(model, test)
+    assert means["blocks.0.attn.hook_z"].shape == (model.cfg.n_heads, model.cfg.d_head)
+    assert means["blocks.0.mlp.hook_post"].shape == (model.cfg.d_mlp,)
+    assert ablated_metric(model, test, "correct_logprob", -1, ["L0H1", "L0H3"], "mean", means) != pytest.approx(want, rel=1e-6)
+    assert len(units_of(model)) == 2 + model.cfg.n_heads + model.cfg.d_mlp
 
 
 def test_attribution_patching_is_the_derivative_along_each_heads_output():
@@ -214,6 +229,7 @@ def test_attribution_patching_is_the_derivative_along_each_heads_output():
     _, test = modular_data(7, 30, 8)
     fn, _ = resolve_metric("correct_logprob", -1)
     got = attribution_patching(model, test, "correct_logprob", -1)
+    got = {(0, int(u[3:])): v for u, v in got.items() if u.startswith("L0H")}
     from torch.func import functional_call
 
     base = {n: p.detach() for n, p in model.named_parameters()}
@@ -224,10 +240,72 @@ def test_attribution_patching_is_the_derivative_along_each_heads_output():
         logits = functional_call(model, {**base, "blocks.0.attn.W_O": scaled}, (test["tokens"],))
         (d,) = torch.autograd.grad(fn(logits, test).mean(), alpha)
         assert got[(0, h)] == pytest.approx(abs(float(d)), rel=1e-8)
+    # a neuron: its W_out row scaled by α
+    neurons = attribution_patching(model, test, "correct_logprob", -1)
+    for n in (0, 5, 17):
+        alpha = torch.ones((), dtype=torch.float64, requires_grad=True)
+        w_out = base["blocks.0.mlp.W_out"].clone()
+        scaled = torch.cat([w_out[:n], (alpha * w_out[n])[None], w_out[n + 1:]])
+        logits = functional_call(model, {**base, "blocks.0.mlp.W_out": scaled}, (test["tokens"],))
+        (d,) = torch.autograd.grad(fn(logits, test).mean(), alpha)
+        assert neurons[f"L0N{n}"] == pytest.approx(abs(float(d)), rel=1e-8, abs=1e-14)
 
 
 def test_fall_area_and_order():
     from analyses.faithfulness.ablation import fall_area, order
 
     assert fall_area([1.0, 0.5, 0.0]) == pytest.approx(0.75)
-    assert order({(0, 1): 1.0, (0, 0): 1.0, (1, 0): 2.0}) == [(1, 0), (0, 0), (0, 1)]
+    assert order({"L0H1": 1.0, "L0H0": 1.0, "L1H0": 2.0}) == ["L1H0", "L0H0", "L0H1"]
+    assert order({"L0N2": 1.0, "embed": 1.0, "L0H3": 1.0, "L0N10": 1.0}) == ["embed", "L0H3", "L0N2", "L0N10"]
+
+
+def test_entry_map_splits_the_parameter_attribution_exactly(runs):
+    """One component per scalar: the entries of a parameter add up to that parameter's
+    attribution (granularity "parameter", an independent map), and every scalar is covered once."""
+    from analyses.faithfulness.pruning import entry_map
+    from explaind_tl import explain
+
+    traj = runs["mini"]
+    _, test = modular_data(7, 30, 8)
+    q = {k: v[:3] for k, v in test.items()}
+    cmap = entry_map(traj.model(0), list(traj.param_names))
+    n_params = sum(p.numel() for p in traj.model(0).parameters())
+    assert len(cmap.labels) == n_params and sorted(cmap.flat_index.tolist()) == list(range(n_params))
+    kw = dict(metric="correct_logprob", reduce="sum", progress=False, dtype=torch.float64)
+    entries = explain(traj, q, by=("component",), components=cmap, **kw)
+    per_param = explain(traj, q, by=("component",), components="parameter", **kw)
+    start = 0
+    for name in traj.param_names:
+        size = dict(traj.model(0).named_parameters())[name].numel()
+        got = float(entries.values[start:start + size].sum())
+        want = float(per_param.sel(component=name).values)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12 * float(per_param.values.abs().max()))
+        start += size
+
+
+def test_pruning_zeroes_the_lowest_scores_and_tells_rankings_apart(runs):
+    from analyses.faithfulness.pruning import flat_params, predictions, pruned, run_pruning
+
+    flat = torch.tensor([5.0, -1.0, 3.0, 0.5, -2.0], dtype=torch.float64)
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.1, 0.7], dtype=torch.float64)
+    assert pruned(flat, scores, 0.4).tolist() == [5.0, 0.0, 3.0, 0.0, -2.0]  # ties: the earlier entry first
+    assert pruned(flat, scores, 0.1).tolist() == flat.tolist()  # floor(0.5) = 0 entries
+    traj = runs["mini"]
+    train, test = modular_data(7, 30, 8)
+    q = {k: v[:3] for k, v in test.items()}
+    evaluation = {k: torch.cat([train[k], test[k]]) for k in test}
+    res = run_pruning(traj, q, evaluation, "correct_logprob", -1, fractions=(0.01, 0.3, 0.9), seeds=2)
+    assert set(res) >= {"explaind_tl", "magnitude", "random", "unpruned", "fractions"}
+    # the unpruned accuracy against an independent forward through TransformerLens
+    model = traj.model(traj.num_steps)
+    with torch.no_grad():
+        want = float((model(evaluation["tokens"])[:, -1].argmax(-1) == evaluation["label"]).double().mean())
+    assert res["unpruned"]["accuracy"] == pytest.approx(want)
+    for name in ("explaind_tl", "magnitude", "random"):
+        assert all(0.0 <= a <= 1.0 for a in res[name]["accuracy"] + res[name]["agreement"])
+    # the evaluation discriminates: pruning the *largest* weights first (the reverse of magnitude)
+    # destroys agreement where magnitude pruning keeps it
+    flat = flat_params(traj)
+    base, _, _ = predictions(traj, flat, evaluation, "correct_logprob", -1)
+    worst, _, _ = predictions(traj, pruned(flat, -flat.abs(), 0.3), evaluation, "correct_logprob", -1)
+    assert float((worst == base).double().mean()) < res["magnitude"]["agreement"][1]
