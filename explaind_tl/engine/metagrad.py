@@ -9,7 +9,10 @@ training example ``i`` by reverse-mode differentiation through steps ``b-1 .. a`
 ``torch.func.grad``, clipping, then :func:`explaind_tl.optim_step.functional_step`: AdamW / Adam / SGD
 state, bias correction, schedules, weight decay), which also gives the step's ``∂/∂ε`` of its
 batch. Each checkpoint segment is replayed forward (exactly, :meth:`Trajectory.segments`) and
-differentiated backward, so memory holds one segment.
+differentiated backward, so memory holds one segment. The same sweep gives, with
+``wrt="component_step"``, the derivative with respect to a scale on each component's part of
+the updates in each step bin: ``Σ_{s ∈ bin} <λ_{s+1}, Δ_s|_c>``, read off before the adjoint is
+pulled back past step ``s``.
 
 Unlike the ExPLAIND decomposition, a metagradient is a derivative, not a split of a measured
 change: it has no completeness identity. What it does carry is the check that the function it
@@ -48,12 +51,17 @@ from explaind_tl.optim_step import clipped, functional_step
 
 Params = dict[str, Tensor]
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
-WRT = ("train",)
+WRT = ("train", "component_step")
 
 
-def _check(trajectory: Any, wrt: Any, reduce: Any, steps: Any, dtype: Any, tol: Any) -> tuple[int, int]:
+def _check(trajectory: Any, wrt: Any, reduce: Any, steps: Any, dtype: Any, tol: Any, step_bins: Any) -> tuple[int, int]:
     if wrt not in WRT:
-        raise ValueError(f"wrt must be one of {WRT} (the weight on each training example's loss), got {wrt!r}")
+        raise ValueError(f"wrt must be one of {WRT} (a weight on each training example's loss, or a scale on "
+                         f"each component's update per step bin), got {wrt!r}")
+    if step_bins is not None and (not isinstance(step_bins, int) or isinstance(step_bins, bool) or step_bins < 1):
+        raise ValueError(f"step_bins must be a positive int (steps per bin) or None, got {step_bins!r}")
+    if step_bins is not None and wrt != "component_step":
+        raise ValueError("step_bins applies to wrt='component_step'")
     if reduce not in (None, "sum", "mean"):
         raise ValueError(f"reduce must be None (one column per query), 'sum' or 'mean', got {reduce!r}")
     if dtype not in (torch.float32, torch.float64):
@@ -87,6 +95,8 @@ def metagradient(
     metric: Any = "correct_logprob",
     *,
     wrt: str = "train",
+    components: Any = "head",
+    step_bins: int | None = None,
     reduce: str | None = None,
     position: Any = None,
     steps: tuple[int, int] | None = None,
@@ -94,18 +104,28 @@ def metagradient(
     tol: float | None = None,
     progress: bool = True,
 ) -> Attribution:
-    """``∂q(w_b) / ∂ε_i``: the derivative of each query's output after step ``b`` with respect to
-    a weight ``ε_i`` on training example ``i``'s loss in every step of ``[a, b)`` that trained on it.
+    """The derivative of each query's output after step ``b`` through the training run.
 
-    To first order, leaving a set ``D`` of examples out of those steps changes the output by
-    ``-Σ_{i ∈ D} ∂q/∂ε_i``; a weight of ``1 + h`` changes it by ``h ∂q/∂ε_i``.
+    * ``wrt="train"``: ``∂q(w_b) / ∂ε_i`` with respect to a weight ``ε_i`` on training example
+      ``i``'s loss in every step of ``[a, b)`` that trained on it. To first order, leaving a set
+      ``D`` of examples out of those steps changes the output by ``-Σ_{i ∈ D} ∂q/∂ε_i``.
+    * ``wrt="component_step"``: ``∂q(w_b) / ∂α_{c,k}`` with respect to a scale ``α_{c,k}`` on
+      component ``c``'s part of every update ``Δ_s = w_{s+1} - w_s`` (gradient step and weight
+      decay; the optimizer state left as it is) in step bin ``k``: ``Σ_{s ∈ k} <λ_{s+1}, Δ_s|_c>``
+      with ``λ_{s+1} = ∂q(w_b)/∂w_{s+1}`` the adjoint of the sweep. ``-∂q/∂α_{c,k}`` is the
+      first-order effect of "component ``c`` not learning in that window", everything after it
+      reacting; ExPLAIND's step x component entry is the same update's effect on ``q(w_{s+1})``
+      alone.
 
     Args:
         trajectory: a recorded :class:`~explaind_tl.Trajectory`.
         queries: as for :func:`~explaind_tl.explain` (a ``[Q, pos]`` token tensor, a dict of
             ``[Q, ...]`` tensors or a ``datasets.Dataset``).
         metric: a built-in metric name or ``fn(logits, batch) -> [Q]``, as for ``explain``.
-        wrt: ``"train"`` (the weight on each training example's loss).
+        wrt: ``"train"`` or ``"component_step"`` (see above).
+        components: the component map of ``wrt="component_step"``: a granularity of
+            :meth:`~explaind_tl.ComponentMap.from_model` (``"head"`` by default) or a map.
+        step_bins: steps per bin of ``wrt="component_step"`` (``None``: one bin per step).
         reduce: ``None``: one column per query; ``"sum"`` / ``"mean"``: of the queries' outputs.
         position: the read position(s) of a built-in metric, as for ``explain``.
         steps: ``(a, b)``: differentiate ``q(w_b)`` through steps ``a .. b-1`` (default: the
@@ -119,7 +139,9 @@ def metagradient(
 
     Returns:
         :class:`~explaind_tl.Attribution` over ``("train", "query")`` (``("train",)`` with
-        ``reduce``), coords ``train`` = example ids, ``query`` = query indices; ``completeness``
+        ``reduce``), coords ``train`` = example ids, ``query`` = query indices; or, for
+        ``wrt="component_step"``, over ``("step", "component", "query")`` (``query`` dropped with
+        ``reduce``), coords ``step`` = each bin's first step; ``completeness``
         is ``None`` (a derivative has no completeness identity); ``meta`` holds the residuals
         (``gradient_residual``, ``optimizer_residual``, ``step_residual``), ``tol``, ``ok``,
         ``steps``, ``seconds``.
@@ -133,7 +155,15 @@ def metagradient(
     recorded64 = next(model.parameters()).dtype == torch.float64
     if dtype is None:
         dtype = torch.float64 if recorded64 else torch.float32
-    a, b = _check(trajectory, wrt, reduce, steps, dtype, 1.0 if tol is None else tol)
+    a, b = _check(trajectory, wrt, reduce, steps, dtype, 1.0 if tol is None else tol, step_bins)
+    cmap = None
+    if wrt == "component_step":
+        from explaind_tl.model.components import ComponentMap
+
+        cmap = components if isinstance(components, ComponentMap) else ComponentMap.from_model(
+            model, components, param_names=list(trajectory.param_names))
+        width = step_bins or 1
+        n_bins = -(-(b - a) // width)
     tol = (1e-6 if recorded64 else 1e-3) if tol is None else float(tol)
     metric_fn, needs_label = resolve_metric(metric, position)
     lm = isinstance(metric, str) and metric in LM_METRICS
@@ -158,6 +188,8 @@ def metagradient(
     n_rows = next(iter(lam_w.values())).shape[0]
     lam_s: dict[str, Params] | None = None
     scores = torch.zeros(trajectory.num_train, n_rows, dtype=dtype, device=device)
+    if cmap is not None:
+        per_bin = torch.zeros(n_bins, n_rows, len(cmap.labels), dtype=torch.float64, device=device)
     clip = trajectory.clip_grad_norm
     res = {"gradient": 0.0, "optimizer": 0.0, "step": 0.0}
 
@@ -194,6 +226,9 @@ def metagradient(
                 w_alg, _ = functional_step(spec, lr, t, w, state, g_rec)
             res["optimizer"] = max(res["optimizer"], max(float((w_alg[k] - nxt[k]).abs().max()) for k in w) / moved)
             res["step"] = max(res["step"], max(float((w_next[k] - nxt[k]).abs().max()) for k in w) / moved)
+            if cmap is not None:  # <λ_{s+1}, Δ_s> per component, before λ is pulled back past step s
+                prod = torch.cat([(lam_w[n] * (nxt[n] - w[n])).reshape(n_rows, -1) for n in cmap.param_names], 1)
+                per_bin[(rec.step - a) // width] += cmap.reduce_flat(prod.to(torch.float64))
             if lam_s is None:  # nothing depends on the state after the last step
                 lam_s = {k: {n: torch.zeros((n_rows, *x.shape), dtype=dtype, device=device) for n, x in v.items()}
                          for k, v in s_next.items()}
@@ -212,16 +247,21 @@ def metagradient(
             CertificateWarning,
             stacklevel=2,
         )
-    values = scores.to(torch.float64)
-    dims: tuple[str, ...] = ("train", "query") if reduce is None else ("train",)
-    coords: dict[str, list] = {"train": list(range(trajectory.num_train))}
+    if cmap is None:
+        values = scores.to(torch.float64)
+        dims: tuple[str, ...] = ("train", "query") if reduce is None else ("train",)
+        coords: dict[str, list] = {"train": list(range(trajectory.num_train))}
+    else:
+        values = per_bin.transpose(1, 2)  # [bin, component, row]
+        dims = ("step", "component", "query") if reduce is None else ("step", "component")
+        coords = {"step": list(range(a, b, width)), "component": list(cmap.labels)}
     if reduce is None:
         coords["query"] = list(range(n_q))
     else:
-        values = values[:, 0]
+        values = values[..., 0]
     meta = {
         "kind": "metagradient", "wrt": wrt, "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "callable"),
-        "reduce": reduce, "steps": [a, b], "gradient_residual": res["gradient"], "optimizer_residual": res["optimizer"],
+        "reduce": reduce, "steps": [a, b], "step_bins": step_bins, "gradient_residual": res["gradient"], "optimizer_residual": res["optimizer"],
         "step_residual": res["step"], "tol": tol, "ok": ok, "dtype": str(dtype),
         "seconds": time.perf_counter() - t0,
     }

@@ -151,7 +151,7 @@ def test_a_step_that_is_not_the_recorded_one_is_flagged(runs, monkeypatch):
 def test_bad_arguments_fail_before_any_work(runs):
     traj, q = runs["sgd_nesterov"], queries()
     with pytest.raises(ValueError, match="wrt must be"):
-        metagradient(traj, q, wrt="component_step", progress=False)
+        metagradient(traj, q, wrt="parameters", progress=False)
     with pytest.raises(ValueError, match="reduce must be"):
         metagradient(traj, q, reduce="max", progress=False)
     with pytest.raises(ValueError, match="steps window"):
@@ -166,3 +166,64 @@ def test_bad_arguments_fail_before_any_work(runs):
         retrain(traj, weights=torch.ones(29))
     with pytest.raises(ValueError, match="weights must be"):
         retrain(traj, weights=torch.ones(30, dtype=torch.long))
+
+
+def _binned(v: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-step entries ``[steps, ...]`` summed into bins of ``width`` steps."""
+    return torch.stack([v[i:i + width].sum(0) for i in range(0, v.shape[0], width)])
+
+
+def _retrain_scaled(traj, label: str, cmap, steps: range, scale: float):
+    """Retraining with component ``label``'s part of the updates of ``steps`` scaled by ``scale``
+    (the optimizer state as the step left it): the oracle of ``wrt="component_step"``."""
+    model, opt, params = traj.fresh_training()
+    c = cmap.labels.index(label)
+    masks = [cmap.index[n] == c for n in traj.param_names]
+    for s in range(traj.num_steps):
+        before = [p.detach().clone() for p in params]
+        traj.train_step_at(s, model, opt, params, traj.batch(traj.batch_ids(s)))
+        if s in steps:
+            with torch.no_grad():
+                for p, w0, m in zip(params, before, masks):
+                    p.copy_(torch.where(m, w0 + scale * (p - w0), p))
+    return {n: p.detach().clone() for n, p in zip(traj.param_names, params)}
+
+
+@pytest.mark.parametrize("name", ["adamw_clip_steplr", "sgd_nesterov"])
+def test_component_step_against_finite_differences(runs, name):
+    from explaind_tl import ComponentMap
+
+    traj, q = runs[name], queries()
+    mg = metagradient(traj, q, wrt="component_step", components="head", step_bins=4, progress=False)
+    cmap = ComponentMap.from_model(traj.model(0), "head", param_names=list(traj.param_names))
+    assert mg.dims == ("step", "component", "query") and mg.coords["step"] == [0, 4, 8]
+    assert mg.coords["component"] == cmap.labels and mg.meta["ok"]
+    h = 1e-6
+    for label, k in (("L0H1", 0), ("L0.mlp", 1), ("embed", 2), ("unembed", 0)):
+        window = range(4 * k, min(4 * k + 4, traj.num_steps))
+        up = outputs(traj, _retrain_scaled(traj, label, cmap, window, 1 + h), q)
+        down = outputs(traj, _retrain_scaled(traj, label, cmap, window, 1 - h), q)
+        got = mg.sel(component=label).values[k]
+        assert_close_scaled(got, (up - down) / (2 * h), 1e-6, scale=float(mg.values.abs().max()))
+    # the last step: its adjoint is the query gradient at w_b, so the entry is <∇q(w_b), Δ_{b-1}|_c>
+    last = metagradient(traj, q, wrt="component_step", steps=(0, traj.num_steps), reduce="sum", progress=False)
+    fn, _ = resolve_metric("correct_logprob", -1)
+    m = traj.model()
+    w_b = {k: v.detach().requires_grad_(True) for k, v in traj.params_at(traj.num_steps).items()}
+    g = torch.autograd.grad(fn(torch.func.functional_call(m, w_b, (q["tokens"],)), q).sum(), list(w_b.values()))
+    d = {k: traj.params_at(traj.num_steps)[k] - traj.params_at(traj.num_steps - 1)[k] for k in w_b}
+    flat = torch.cat([(gi * d[k]).reshape(-1) for gi, k in zip(g, w_b) if k in cmap.param_names])
+    assert_close_scaled(last.values[-1], cmap.reduce_flat(flat), 1e-10)
+    per_query = metagradient(traj, q, wrt="component_step", progress=False)  # one bin per step
+    assert_close_scaled(last.values, per_query.values.sum(-1), 1e-12)
+    assert_close_scaled(mg.values, _binned(per_query.values, 4), 1e-12)  # bins are sums of steps
+
+
+def test_component_step_arguments(runs):
+    traj, q = runs["sgd_nesterov"], queries()
+    with pytest.raises(ValueError, match="step_bins must be"):
+        metagradient(traj, q, wrt="component_step", step_bins=0, progress=False)
+    with pytest.raises(ValueError, match="step_bins applies"):
+        metagradient(traj, q, step_bins=2, progress=False)
+    with pytest.raises(ValueError, match="granularity|components"):
+        metagradient(traj, q, wrt="component_step", components="no-such", progress=False)
