@@ -263,7 +263,7 @@ assert abs(attr.total() - coarse.total()) < 1e-6 * max(1.0, abs(coarse.total()))
     return new_notebook(cells=cells, metadata=_meta())
 
 
-def sequence_models() -> nbformat.NotebookNode:
+def induction_heads() -> nbformat.NotebookNode:
     cells = [
         new_markdown_cell(
             "# 04 — Sequence models: next-token metrics, read positions and the induction task\n\n"
@@ -340,7 +340,7 @@ NOTEBOOKS = {
     "01_quickstart.ipynb": quickstart,
     "02_grokking_components.ipynb": grokking_components,
     "03_custom_metric_and_components.ipynb": custom_metric,
-    "04_sequence_models.ipynb": sequence_models,
+    "04_induction_heads.ipynb": induction_heads,
 }
 
 

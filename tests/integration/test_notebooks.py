@@ -44,7 +44,7 @@ def test_notebooks_are_committed_executed_with_figures():
         "01_quickstart.ipynb",
         "02_grokking_components.ipynb",
         "03_custom_metric_and_components.ipynb",
-        "04_sequence_models.ipynb",
+        "04_induction_heads.ipynb",
     } <= names
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
