@@ -156,6 +156,8 @@ def metagradient(
     if dtype is None:
         dtype = torch.float64 if recorded64 else torch.float32
     a, b = _check(trajectory, wrt, reduce, steps, dtype, 1.0 if tol is None else tol, step_bins)
+    if wrt == "train" and not (isinstance(components, str) and components == "head"):
+        raise ValueError("components applies to wrt='component_step' (wrt='train' has no component axis)")
     cmap = None
     if wrt == "component_step":
         from explaind_tl.model.components import ComponentMap

@@ -225,5 +225,7 @@ def test_component_step_arguments(runs):
         metagradient(traj, q, wrt="component_step", step_bins=0, progress=False)
     with pytest.raises(ValueError, match="step_bins applies"):
         metagradient(traj, q, step_bins=2, progress=False)
+    with pytest.raises(ValueError, match="components applies"):
+        metagradient(traj, q, components="neuron", progress=False)
     with pytest.raises(ValueError, match="granularity|components"):
         metagradient(traj, q, wrt="component_step", components="no-such", progress=False)
