@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo induction test test-slow notebooks bench lint setup clean
+.PHONY: demo induction test test-slow test-tl4 notebooks bench lint setup clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,21 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# TransformerLens 4 (TransformerBridge, no HookedTransformer) in its own environment: the unit
+# tests and the bridge tests (record, replay, explain a bridge model); the rest needs 3.x
+VENV4  := .venv-tl4
+STAMP4 := $(VENV4)/.installed-stamp
+
+$(STAMP4): pyproject.toml constraints-tl4.txt
+	test -x $(VENV4)/bin/python || $(PYTHON) -m venv $(VENV4)
+	$(VENV4)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV4)/bin/python -m pip install --quiet -c constraints-tl4.txt torch==2.13.0
+	$(VENV4)/bin/python -m pip install --quiet -c constraints-tl4.txt -e ".[dev]"
+	touch $(STAMP4)
+
+test-tl4: $(STAMP4)
+	$(VENV4)/bin/python -m pytest -q tests/unit tests/integration/test_bridge.py
+
 # rebuild examples/*.ipynb from examples/_make_notebooks.py and execute them (outputs committed)
 notebooks: $(STAMP)
 	$(PY) examples/_make_notebooks.py
@@ -37,4 +52,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check explaind_tl analyses tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VENV4) runs .pytest_cache

@@ -13,10 +13,11 @@ The rest of explaind_tl sees a model only through these modules:
 * :mod:`.components` — :class:`.components.ComponentMap`, the partition of the parameters into
   heads, MLPs, embeddings (TransformerLens naming), or any user-defined grouping.
 
-:func:`is_hooked_transformer` is the single test of "is this a TransformerLens model" that all
-of them use. TransformerLens 4 replaces ``HookedTransformer`` by ``TransformerBridge``; an
-adapter for it belongs here (a second branch in these modules), and the engine and the run stay
-as they are.
+* :mod:`.bridge` — TransformerLens 4's ``TransformerBridge``: the same component labels from its
+  fused weights, and the hook points where its ReLU kinks are observed.
+
+:func:`is_hooked_transformer` and :func:`.bridge.is_transformer_bridge` are the two tests of
+"is this a TransformerLens model" that all of them use; the engine and the run see neither.
 """
 
 from __future__ import annotations

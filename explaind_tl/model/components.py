@@ -46,6 +46,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from explaind_tl.model import is_hooked_transformer
+from explaind_tl.model.bridge import bridge_assign, is_transformer_bridge
 from explaind_tl.model.tl_partition import IndexExpr, tl_assign, tl_sort_key
 
 GRANULARITIES = ("head", "block", "neuron", "parameter")
@@ -161,7 +162,9 @@ class ComponentMap:
         """The standard partition of a model at a granularity.
 
         Args:
-            model: a ``HookedTransformer`` (any granularity) or any ``nn.Module`` (``"parameter"``).
+            model: a ``HookedTransformer`` or a ``TransformerBridge`` (any granularity: the bridge's
+                fused q/k/v/o weights are split by head, :mod:`explaind_tl.model.bridge`), or any
+                ``nn.Module`` (``"parameter"``).
             granularity: ``"head"``, ``"block"``, ``"neuron"`` or ``"parameter"`` (see module doc).
             param_names: restrict the map to these parameters (default: every parameter with
                 ``requires_grad=True``, in ``named_parameters()`` order). Components left
@@ -178,11 +181,13 @@ class ComponentMap:
             raise ValueError(
                 f"unknown component granularity {granularity!r}; choose from {GRANULARITIES}"
             )
-        is_tl = is_hooked_transformer(model)
+        # TransformerLens models: a HookedTransformer, or a TransformerBridge (same labels)
+        assign_of = tl_assign if is_hooked_transformer(model) else bridge_assign if is_transformer_bridge(model) else None
+        is_tl = assign_of is not None
         if granularity != "parameter" and not is_tl:
             raise ValueError(
-                f"granularity {granularity!r} needs a HookedTransformer; use 'parameter' for a "
-                f"generic {type(model).__name__}, or ComponentMap.from_dict / from_predicate"
+                f"granularity {granularity!r} needs a HookedTransformer or TransformerBridge; use 'parameter' "
+                f"for a generic {type(model).__name__}, or ComponentMap.from_dict / from_predicate"
             )
         shapes, frozen = _named_shapes(model)
         names = _resolve_param_names(shapes, frozen, param_names)
@@ -194,14 +199,14 @@ class ComponentMap:
             if granularity == "parameter":
                 assign = None
                 if is_tl:
-                    tl = tl_assign(name, shape, "head", model.cfg)
+                    tl = assign_of(name, shape, "head", model.cfg)
                     if tl is not None:
                         hooks[name] = tl[0][2]
                 else:
                     hooks[name] = name.rsplit(".", 1)[0] if "." in name else ""
                 assign = [(name, (Ellipsis,), hooks.get(name, ""))]
             else:
-                assign = tl_assign(name, shape, granularity, model.cfg)
+                assign = assign_of(name, shape, granularity, model.cfg)
                 if assign is None:
                     fallback.append(name)
                     assign = [(name, (Ellipsis,), name.rsplit(".", 1)[0] if "." in name else "")]

@@ -22,6 +22,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from explaind_tl.losses import last_token_cross_entropy
 from explaind_tl.model import is_hooked_transformer, move_model
+from explaind_tl.model.bridge import bridge_relu_hooks, is_transformer_bridge
 from explaind_tl.model.readout import Readout, readout_units, unsupported_reason
 
 Params = dict[str, Tensor]
@@ -211,11 +212,23 @@ class QueryFunction:
     # ------------------------------------------------------------------ kinks
     @staticmethod
     def _relu_hook_names(model: nn.Module) -> list[str]:
+        """Where the ReLU pre-activations are observed: TransformerLens hook points (a
+        ``HookedTransformer``'s ``hook_pre``, a bridge's MLP input-layer output), else the
+        inputs of ``nn.ReLU`` modules."""
         if is_hooked_transformer(model):
             if str(model.cfg.act_fn).lower() != "relu" or model.cfg.attn_only:
                 return []
             return [f"blocks.{layer}.mlp.hook_pre" for layer in range(model.cfg.n_layers)]
+        if is_transformer_bridge(model):
+            return [pre for pre, _ in bridge_relu_hooks(model)]
         return [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+
+    @staticmethod
+    def _post_hook(model: nn.Module, pre: str) -> str:
+        """The hook point of the post-activation that belongs to pre-activation hook ``pre``."""
+        if is_transformer_bridge(model):
+            return dict(bridge_relu_hooks(model))[pre]
+        return pre.replace("hook_pre", "hook_post")
 
     @property
     def has_kinks(self) -> bool:
@@ -225,7 +238,7 @@ class QueryFunction:
     @contextlib.contextmanager
     def _capture(self, model: nn.Module, store: list[Tensor]) -> Iterator[None]:
         """Record every ReLU pre-activation (flattened per example) during a forward."""
-        if is_hooked_transformer(model):
+        if is_hooked_transformer(model) or is_transformer_bridge(model):
 
             def hook(act: Tensor, hook) -> Tensor:  # noqa: ARG001
                 store.append(act.detach().reshape(act.shape[0], -1))
@@ -263,19 +276,20 @@ class QueryFunction:
             on = kval[:, sl].reshape(z.shape).to(z.dtype)
             return post + m * (z * on - post)
 
-        if is_hooked_transformer(model):
+        if is_hooked_transformer(model) or is_transformer_bridge(model):
             pre: dict[str, Tensor] = {}
+            pre_of = {self._post_hook(model, n): n for n in self.hook_names}
 
             def pre_hook(act: Tensor, hook) -> Tensor:
                 pre[hook.name] = act
                 return act
 
             def post_hook(act: Tensor, hook) -> Tensor:
-                return adjust(pre.pop(hook.name.replace("hook_post", "hook_pre")), act)
+                return adjust(pre.pop(pre_of[hook.name]), act)
 
             hooks = []
             for n in self.hook_names:
-                hooks += [(n, pre_hook), (n.replace("hook_pre", "hook_post"), post_hook)]
+                hooks += [(n, pre_hook), (self._post_hook(model, n), post_hook)]
             with model.hooks(fwd_hooks=hooks):
                 yield
             return

@@ -1,0 +1,106 @@
+"""TransformerLens's ``TransformerBridge`` behind the model seam (TransformerLens 4, and 3.x's
+``transformer_lens.model_bridge``).
+
+A bridge built with ``TransformerBridge.boot_native(TransformerBridgeConfig(...))`` wraps plain
+``nn.Linear`` / ``nn.Embedding`` modules: its parameters are named
+``layers.{l}._original_component.attn._original_component.q._original_component.weight`` and so
+on, the heads fused in ``[n_heads * d_head, d_model]`` (q, k, v) and ``[d_model, n_heads * d_head]``
+(o) weights. :func:`bridge_assign` maps each parameter to the labels a ``HookedTransformer``'s
+parameters get (``embed``, ``pos_embed``, ``L{l}H{h}``, ``L{l}.attn.b_O``, ``L{l}.mlp``,
+``L{l}N{n}``, ``L{l}.mlp.b_out``, ``L{l}.ln1/ln2``, ``ln_final``, ``unembed``), splitting the
+fused weights by head (rows of q/k/v, columns of o) and the MLP by neuron (rows of ``fc_in``,
+columns of ``fc_out``). Nothing here imports transformer_lens.
+
+Recording a bridge uses the generic path (a ``model_factory`` that boots it) and explain the
+model's own forward (no read-out forward); ReLU kinks are observed and forced through the
+bridge's hook points on the MLP's input and output linear layers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+_WRAP = "._original_component"
+_EMBED = re.compile(r"^tok_embed\.weight$")
+_POS = re.compile(r"^pos\.weight$")
+_LN = re.compile(r"^layers\.(\d+)\.(ln1|ln2)\.(weight|bias)$")
+_ATTN = re.compile(r"^layers\.(\d+)\.attn\.(q|k|v|o)\.(weight|bias)$")
+_MLP = re.compile(r"^layers\.(\d+)\.mlp\.(fc_in|fc_out)\.(weight|bias)$")
+_LN_FINAL = re.compile(r"^ln_out\.(weight|bias)$")
+_HEAD = re.compile(r"^head\.(weight|bias)$")
+
+
+def is_transformer_bridge(model: Any) -> bool:
+    """Whether ``model`` is a TransformerLens ``TransformerBridge`` (decided by the class
+    hierarchy, without importing transformer_lens)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ == "TransformerBridge" and cls.__module__.startswith("transformer_lens"):
+            return True
+    return False
+
+
+def bridge_name(name: str) -> str:
+    """A bridge parameter name without its ``._original_component`` wrappers
+    (``layers.0.attn.q.weight``)."""
+    return name.replace(_WRAP, "")
+
+
+def bridge_assign(name: str, shape: torch.Size, granularity: str, cfg: Any) -> list[tuple[str, Any, str]] | None:
+    """Assignments ``(label, index_expr, hook)`` of one bridge parameter at a granularity, with
+    the labels and hook points of the equivalent ``HookedTransformer`` parameter; ``None`` for a
+    parameter it does not know (the caller gives it its own component)."""
+    whole = (Ellipsis,)
+    short = bridge_name(name)
+    if _EMBED.match(short):
+        return [("embed", whole, "hook_embed")]
+    if _POS.match(short):
+        return [("pos_embed", whole, "hook_pos_embed")]
+    if _HEAD.match(short):
+        return [("unembed", whole, "logits")]
+    if _LN_FINAL.match(short):
+        return [("ln_final", whole, "ln_final.hook_scale")]
+    if m := _LN.match(short):
+        layer, ln = int(m.group(1)), m.group(2)
+        return [(f"L{layer}.{ln}", whole, f"blocks.{layer}.{ln}.hook_scale")]
+    if m := _ATTN.match(short):
+        layer, proj, kind = int(m.group(1)), m.group(2), m.group(3)
+        if granularity == "block":
+            return [(f"L{layer}.attn", whole, f"blocks.{layer}.hook_attn_out")]
+        if proj == "o" and kind == "bias":
+            return [(f"L{layer}.attn.b_O", whole, f"blocks.{layer}.hook_attn_out")]
+        n_heads, d_head = int(cfg.n_heads), int(cfg.d_head)
+        fused = shape[1] if proj == "o" else shape[0]
+        if fused != n_heads * d_head:
+            return None
+        hook = f"blocks.{layer}.attn.hook_z"
+        rows = [slice(h * d_head, (h + 1) * d_head) for h in range(n_heads)]
+        if proj == "o":  # [d_model, n_heads * d_head]: head h's columns
+            return [(f"L{layer}H{h}", (slice(None), r), hook) for h, r in enumerate(rows)]
+        return [(f"L{layer}H{h}", (r,), hook) for h, r in enumerate(rows)]
+    if m := _MLP.match(short):
+        layer, lin, kind = int(m.group(1)), m.group(2), m.group(3)
+        if granularity in ("head", "block"):
+            return [(f"L{layer}.mlp", whole, f"blocks.{layer}.mlp.hook_post")]
+        if lin == "fc_out" and kind == "bias":
+            return [(f"L{layer}.mlp.b_out", whole, f"blocks.{layer}.hook_mlp_out")]
+        d_mlp = int(cfg.d_mlp)
+        axis = 1 if lin == "fc_out" and kind == "weight" else 0
+        if len(shape) <= axis or shape[axis] != d_mlp:
+            return None
+        hook = f"blocks.{layer}.mlp.hook_post"
+        if axis == 0:
+            return [(f"L{layer}N{n}", (n,), hook) for n in range(d_mlp)]
+        return [(f"L{layer}N{n}", (slice(None), n), hook) for n in range(d_mlp)]
+    return None
+
+
+def bridge_relu_hooks(model: Any) -> list[tuple[str, str]]:
+    """``(pre-activation hook, post-activation hook)`` per MLP layer of a ReLU bridge model (the
+    output of its ``fc_in`` and the input of its ``fc_out``), ``[]`` for other activations."""
+    cfg = model.cfg
+    if getattr(cfg, "attn_only", False) or str(getattr(cfg, "act_fn", "")).lower() != "relu":
+        return []
+    return [(f"blocks.{layer}.mlp.in.hook_out", f"blocks.{layer}.mlp.out.hook_in") for layer in range(int(cfg.n_layers))]
