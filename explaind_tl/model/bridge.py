@@ -11,14 +11,18 @@ parameters get (``embed``, ``pos_embed``, ``L{l}H{h}``, ``L{l}.attn.b_O``, ``L{l
 fused weights by head (rows of q/k/v, columns of o) and the MLP by neuron (rows of ``fc_in``,
 columns of ``fc_out``). Nothing here imports transformer_lens.
 
-Recording a bridge uses the generic path (a ``model_factory`` that boots it) and explain the
-model's own forward (no read-out forward); ReLU kinks are observed and forced through the
-bridge's hook points on the MLP's input and output linear layers.
+A run stores a bridge by its config (:func:`bridge_config_to_dict`; rebuilt by
+:func:`build_bridge`, ``boot_native``) or, when one is given, by a ``model_factory``. Explain
+uses the model's own forward (no read-out forward); ReLU kinks are observed and forced through
+the bridge's hook points on the MLP's input and output linear layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -104,3 +108,27 @@ def bridge_relu_hooks(model: Any) -> list[tuple[str, str]]:
     if getattr(cfg, "attn_only", False) or str(getattr(cfg, "act_fn", "")).lower() != "relu":
         return []
     return [(f"blocks.{layer}.mlp.in.hook_out", f"blocks.{layer}.mlp.out.hook_in") for layer in range(int(cfg.n_layers))]
+
+
+def bridge_config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The constructor arguments of a ``TransformerBridgeConfig`` as JSON (dtype as a string):
+    what :func:`build_bridge` needs to boot the same architecture again."""
+    from explaind_tl.run.storage import to_jsonable
+
+    accepted = set(inspect.signature(type(cfg).__init__).parameters) - {"self", "kwargs"}
+    if dataclasses.is_dataclass(cfg):  # fields set through **kwargs (d_mlp) too
+        accepted |= {f.name for f in dataclasses.fields(cfg)}
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    return to_jsonable({k: v for k, v in d.items() if k in accepted and k not in ("device", "seed", "n_params")})
+
+
+def build_bridge(config: Mapping[str, Any]) -> Any:
+    """``TransformerBridge.boot_native`` of a stored config (:func:`bridge_config_to_dict`), on the CPU."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    kw = dict(config)
+    if isinstance(kw.get("dtype"), str) and kw["dtype"].startswith("torch."):
+        kw["dtype"] = getattr(torch, kw["dtype"].split(".", 1)[1])
+    kw["device"] = "cpu"
+    return TransformerBridge.boot_native(TransformerBridgeConfig(**kw))

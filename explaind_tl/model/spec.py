@@ -1,6 +1,7 @@
 """How a run stores a model and rebuilds it (docs/design.md §5).
 
-A ``HookedTransformer`` is stored by its ``HookedTransformerConfig`` (as JSON); any other
+A ``HookedTransformer`` is stored by its ``HookedTransformerConfig`` (as JSON), a
+``TransformerBridge`` by its ``TransformerBridgeConfig`` (booted again natively); any other
 ``nn.Module`` by the import path (``"module:qualname"``) of a zero-argument factory. Loss
 functions are stored by import path too when they have one. :func:`explaind_tl.run.trust.resolve_import_path`
 is the one place that turns a stored import path back into an object (paths of objects that
@@ -19,6 +20,7 @@ from torch import nn
 
 from explaind_tl.errors import ModelMismatchError, TrajectoryError
 from explaind_tl.model import is_hooked_transformer
+from explaind_tl.model.bridge import bridge_config_to_dict, build_bridge, is_transformer_bridge
 from explaind_tl.run.storage import to_jsonable
 from explaind_tl.run.trust import import_path, resolve_import_path, resolve_recorded_callable  # noqa: F401 (re-exported)
 
@@ -66,10 +68,12 @@ def model_spec(model: nn.Module, model_factory: Callable[[], nn.Module] | None) 
         return {"kind": "factory", "factory": import_path(model_factory), "class": type(model).__qualname__}
     if is_hooked_transformer(model):
         return {"kind": "hooked_transformer", "config": hooked_transformer_config_to_dict(model.cfg)}
+    if is_transformer_bridge(model):
+        return {"kind": "transformer_bridge", "config": bridge_config_to_dict(model.cfg)}
     raise TrajectoryError(
         f"cannot record a {type(model).__qualname__} without model_factory: pass a zero-argument, "
         "importable function (module-level, not a lambda) that builds the model; "
-        "HookedTransformer models need none"
+        "HookedTransformer and TransformerBridge models need none"
     )
 
 
@@ -82,6 +86,8 @@ def build_model(spec: Mapping[str, Any], model_factory: Callable[[], nn.Module] 
             from transformer_lens import HookedTransformer
 
             return HookedTransformer(hooked_transformer_config_from_dict(spec["config"]))
+        if spec["kind"] == "transformer_bridge":
+            return build_bridge(spec["config"])
         if spec.get("factory"):  # built-in factories only: anything else is passed in
             return resolve_recorded_callable(spec["factory"], what="model factory", arg="model_factory")()
     raise TrajectoryError(

@@ -430,7 +430,9 @@ _CONFIG_DIMS = ("d_model", "d_head", "n_heads", "n_layers", "n_ctx", "d_vocab", 
 def validate_model_spec(spec: Mapping[str, Any], where: str, ck0_size: int, *, trust_remote_code: bool = False) -> None:
     """Check the manifest's ``model`` entry.
 
-    ``"hooked_transformer"``: the config builds a ``HookedTransformerConfig`` (seed not
+    ``"transformer_bridge"``: the same checks on a ``TransformerBridgeConfig`` dict, the size
+    estimated from the dict (:func:`_check_bridge_config`). ``"hooked_transformer"``: the config
+    builds a ``HookedTransformerConfig`` (seed not
     applied), its dimensions are integers, the model it describes is not larger than twice
     what checkpoint 0 holds (a lower-bound estimate of the parameters, attention masks and
     rotary tables, experts and key/value heads included: counts such as ``n_layers`` or
@@ -446,8 +448,8 @@ def validate_model_spec(spec: Mapping[str, Any], where: str, ck0_size: int, *, t
     if kind == "factory":
         F.str(spec, "factory", "model.factory", optional=True)
         return
-    if kind != "hooked_transformer":
-        raise F.fail("model.kind", "'hooked_transformer' or 'factory'", kind)
+    if kind not in ("hooked_transformer", "transformer_bridge"):
+        raise F.fail("model.kind", "'hooked_transformer', 'transformer_bridge' or 'factory'", kind)
     cfg = F.dict(spec, "config", "model.config")
     tok, remote = cfg.get("tokenizer_name"), cfg.get("trust_remote_code")
     if (tok is not None or remote not in (None, False)) and not trust_remote_code:
@@ -462,6 +464,9 @@ def validate_model_spec(spec: Mapping[str, Any], where: str, ck0_size: int, *, t
             raise F.fail(f"model.config.{k}", f"an integer in [1, {MAX_DIM}]", cfg[k])
     if "n_devices" in cfg and cfg["n_devices"] != 1:
         raise F.fail("model.config.n_devices", "1", cfg["n_devices"])
+    if kind == "transformer_bridge":
+        _check_bridge_config(cfg, where, ck0_size)
+        return
     c = _hooked_config(cfg, where)
     try:
         size = DTYPE_SIZES.get(str(c.dtype), 4)
@@ -478,6 +483,33 @@ def validate_model_spec(spec: Mapping[str, Any], where: str, ck0_size: int, *, t
         estimate = numel * size + L * n_ctx**2  # + the bool attention masks
     except (TypeError, ValueError, AttributeError) as exc:
         raise TrajectoryError(f"{where}: model.config does not describe a model: {exc}") from None
+    if estimate > 2 * ck0_size + (1 << 20):
+        raise TrajectoryError(
+            f"{where}: model.config describes a model of at least {estimate} bytes, but checkpoint 0, which holds all "
+            f"of its parameters and buffers, has {ck0_size}"
+        )
+
+
+def _check_bridge_config(cfg: Mapping[str, Any], where: str, ck0_size: int) -> None:
+    """A ``TransformerBridge`` config (built by ``boot_native``): its dimensions are present and
+    integers, it has a standard architecture, and the model it describes is not larger than twice
+    what checkpoint 0 holds (estimated from the dict alone, without building anything)."""
+    F = _Fields(where)
+    for k in ("d_model", "d_head", "n_heads", "n_layers", "n_ctx", "d_vocab"):
+        if type(cfg.get(k)) is not int:
+            raise F.fail(f"model.config.{k}", f"an integer in [1, {MAX_DIM}]", cfg.get(k))
+    if cfg.get("dtype") not in (None, "torch.float32", "torch.float64"):
+        raise F.fail("model.config.dtype", "'torch.float32' or 'torch.float64'", cfg.get("dtype"))
+    for k in ("num_experts", "n_key_value_heads"):
+        if cfg.get(k) is not None:
+            raise F.fail(f"model.config.{k}", "null (a dense model with one key/value per head)", cfg[k])
+    d, L, n_ctx, H, dh = (int(cfg[k]) for k in ("d_model", "n_layers", "n_ctx", "n_heads", "d_head"))
+    vocab_out = cfg.get("d_vocab_out") if type(cfg.get("d_vocab_out")) is int and cfg["d_vocab_out"] > 0 else cfg["d_vocab"]
+    numel = int(cfg["d_vocab"]) * d + d * int(vocab_out) + L * 4 * H * dh * d + n_ctx * d
+    if not cfg.get("attn_only") and type(cfg.get("d_mlp")) is int:
+        numel += L * 2 * d * int(cfg["d_mlp"])
+    size = 8 if cfg.get("dtype") == "torch.float64" else 4
+    estimate = numel * size
     if estimate > 2 * ck0_size + (1 << 20):
         raise TrajectoryError(
             f"{where}: model.config describes a model of at least {estimate} bytes, but checkpoint 0, which holds all "

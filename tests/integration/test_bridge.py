@@ -164,3 +164,32 @@ def test_train_axis_on_a_bridge(bridge_run):
     assert attr.completeness.ok
     ids = [t for t in attr.coords["train"] if isinstance(t, int)]
     assert len(ids) == 30 and float(attr.sel(train=ids).values.abs().sum()) > 0
+
+
+def test_a_bridge_is_stored_by_its_config(tmp_path):
+    """No factory: the run stores the TransformerBridgeConfig and boots the model again on load;
+    a manifest whose config was tampered with is refused before anything is built."""
+    import json
+
+    from explaind_tl.errors import TrajectoryError
+
+    data = modular_addition(P_MOD)
+    model = make_bridge(2, act_fn="gelu", normalization_type="LN")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with TrajectoryRecorder(model, opt, tmp_path / "run", {k: v[:20] for k, v in data.items()},
+                            last_token_cross_entropy) as rec:
+        for _ in range(3):
+            rec.step(None)
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert man["model"]["kind"] == "transformer_bridge" and man["model"]["config"]["n_layers"] == 2
+    traj = Trajectory.load(tmp_path / "run")
+    assert is_transformer_bridge(traj.model()) and traj.verify(progress=False).ok
+    attr = explain(traj, {k: v[20:26] for k, v in data.items()}, by=("step", "component"), components="head",
+                   progress=False, dtype=torch.float64, tol=1e-9)
+    assert attr.completeness.ok and "L1H3" in attr.coords["component"]
+    for key, bad in (("d_model", 1 << 20), ("num_experts", 8), ("n_heads", "4")):
+        tampered = json.loads(json.dumps(man))
+        tampered["model"]["config"][key] = bad
+        (tmp_path / "run" / "manifest.json").write_text(json.dumps(tampered))
+        with pytest.raises(TrajectoryError, match="model.config"):
+            Trajectory.load(tmp_path / "run")
