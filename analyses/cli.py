@@ -5,7 +5,7 @@ Sub-commands:
 * ``explaind-tl grokking [--config default|nanda|tiny] [--out DIR] [--seed N] [--no-explain]
   [--queries N]`` — train a modular-addition model until it groks, explain the run with
   ExPLAIND and write a report directory (``report.md``, figures, CSVs, attributions).
-* ``explaind-tl induction [--config default|tiny] [--out DIR] [--seed N] [--no-explain]
+* ``explaind-tl induction [--config default|tiny] [--out DIR] [--seed N] [--no-explain] [--backend hooked|bridge]
   [--threads N] [--quiet]`` — train a 2-layer attention-only model through the induction phase
   change on generated sequences, explain it per step x head and per training sequence, and write
   a report directory.
@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     _config_and_out(i, _INDUCTION_PRESETS, "induction")
     i.add_argument("--seed", type=int, default=None, help="seed of the model and the data (default: the preset's)")
     i.add_argument("--no-explain", action="store_true", help="train and measure only")
+    i.add_argument("--backend", choices=["hooked", "bridge"], default=None,
+                   help="HookedTransformer (TransformerLens 3) or TransformerBridge (TransformerLens 4; booted natively, "
+                   "initialised as the HookedTransformer); default: hooked where TransformerLens has it")
     i.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of the analyses (recorded steps always run single-threaded)")
     i.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -155,7 +158,13 @@ def _grokking(args: argparse.Namespace) -> int:
 
     from analyses.grokking.pipeline import run_study
     from analyses.grokking.task import get_config
+    from analyses.induction.task import resolve_backend
 
+    if resolve_backend("auto") != "hooked":
+        print("explaind-tl grokking builds a HookedTransformer, which this TransformerLens (4.x) no longer has; "
+              "install the tested 3.x set (`make setup`), or run `explaind-tl induction`, which runs on either",
+              file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {}
@@ -188,15 +197,16 @@ def _induction(args: argparse.Namespace) -> int:
     import torch
 
     from analyses.induction.pipeline import run_study
-    from analyses.induction.task import get_config
+    from analyses.induction.task import get_config, resolve_backend
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = get_config(args.config)
     if args.seed is not None:
         cfg = cfg.replace(seed=args.seed)
+    cfg = cfg.replace(backend=resolve_backend(args.backend or "auto"))
     out = Path(args.out or f"runs/induction-{args.config}")
-    print(f"explaind-tl induction: config {cfg.name}; report directory: {out}", flush=True)
+    print(f"explaind-tl induction: config {cfg.name}, backend {cfg.backend}; report directory: {out}", flush=True)
     t0 = time.perf_counter()
     summary = run_study(cfg, out, progress=not args.quiet, explain=not args.no_explain)
     print("\nsummary")
@@ -211,6 +221,12 @@ def _induction(args: argparse.Namespace) -> int:
 
 def _faithfulness(args: argparse.Namespace) -> int:
     from analyses.faithfulness.harness import run_faithfulness
+    from analyses.induction.task import resolve_backend
+
+    if args.study == "grokking" and resolve_backend("auto") != "hooked":
+        print("the grokking study builds a HookedTransformer, which this TransformerLens (4.x) no longer has; "
+              "use --study induction, or the tested 3.x set (`make setup`)", file=sys.stderr)
+        return 2
 
     try:
         drops = tuple(float(x) for x in args.drops.split(","))

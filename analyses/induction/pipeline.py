@@ -54,22 +54,14 @@ def phase_change_window(steps: list[int], copy_loss: list[float], width: int, nu
 
 
 def head_vs_rest(model, label: str):
-    """A two-component map: head ``label`` (``"L1H3"``) against every other coordinate."""
-    import numpy as np
-
+    """A two-component map: head ``label`` (``"L1H3"``) against every other coordinate (from the
+    model's head partition, so a ``HookedTransformer`` and a ``TransformerBridge`` alike)."""
     from explaind_tl import ComponentMap
 
-    layer, h = (int(x) for x in label[1:].split("H"))
-    per_head = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
-
-    def fn(name: str, shape: torch.Size):
-        if name.startswith(f"blocks.{layer}.attn.") and name.rsplit(".", 1)[1] in per_head:
-            labels = np.full([shape[0]] + [1] * (len(shape) - 1), "rest", dtype=object)
-            labels[h] = label
-            return labels
-        return "rest"
-
-    return ComponentMap.from_predicate(model, fn)
+    heads = ComponentMap.from_model(model, "head")
+    c = heads.labels.index(label)
+    return ComponentMap(["rest", label], {n: (heads.index[n] == c).long() for n in heads.param_names},
+                        param_names=heads.param_names)
 
 
 def top_tokens(attr, label: str, train_set: dict, k: int) -> list[dict[str, Any]]:

@@ -66,24 +66,47 @@ class InductionConfig:
     window_steps: int = 300  # width of the phase-change window of the train-axis explain
     top_k: int = 10
     seed: int = 0
+    backend: str = "auto"  # "hooked": HookedTransformer (TransformerLens 3); "bridge": TransformerBridge; "auto"
 
     def replace(self, **kw: Any) -> InductionConfig:
         return dataclasses.replace(self, **kw)
 
     def make_model(self):
-        """A fresh seeded 2-layer attention-only ``HookedTransformer`` with LayerNorm."""
+        """A fresh seeded 2-layer attention-only transformer with LayerNorm: a ``HookedTransformer``,
+        or (``backend="bridge"``) a ``TransformerBridge`` booted natively and initialised as the
+        ``HookedTransformer`` is (the same numbers for the same seed)."""
+        dims = dict(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_head=self.d_head,
+                    n_ctx=self.n_ctx, d_vocab=self.d_vocab, attn_only=True, normalization_type="LN",
+                    positional_embedding_type="standard")
+        backend = resolve_backend(self.backend)
+        if backend == "bridge":
+            from transformer_lens.config import TransformerBridgeConfig
+            from transformer_lens.model_bridge import TransformerBridge
+
+            from explaind_tl.model.bridge import init_like_hooked_transformer
+
+            return init_like_hooked_transformer(TransformerBridge.boot_native(TransformerBridgeConfig(**dims)), self.seed)
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-        cfg = HookedTransformerConfig(
-            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads, d_head=self.d_head, n_ctx=self.n_ctx,
-            d_vocab=self.d_vocab, attn_only=True, normalization_type="LN", positional_embedding_type="standard",
-            seed=self.seed, device="cpu",
-        )
         torch.manual_seed(self.seed)
-        return HookedTransformer(cfg)
+        return HookedTransformer(HookedTransformerConfig(seed=self.seed, device="cpu", **dims))
 
     def make_optimizer(self, model):
         return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def resolve_backend(backend: str) -> str:
+    """``"hooked"`` or ``"bridge"``; ``"auto"``: hooked where TransformerLens still has
+    ``HookedTransformer`` (3.x), else bridge (4.x)."""
+    if backend not in ("auto", "hooked", "bridge"):
+        raise ValueError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
+    if backend != "auto":
+        return backend
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return "bridge"
+    return "hooked"
 
 
 CONFIGS = {

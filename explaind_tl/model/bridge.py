@@ -132,3 +132,53 @@ def build_bridge(config: Mapping[str, Any]) -> Any:
         kw["dtype"] = getattr(torch, kw["dtype"].split(".", 1)[1])
     kw["device"] = "cpu"
     return TransformerBridge.boot_native(TransformerBridgeConfig(**kw))
+
+
+def init_like_hooked_transformer(model: Any, seed: int | None = None) -> Any:
+    """Re-initialise a bridge as a ``HookedTransformer`` of the same config initialises itself
+    (TransformerLens 3, ``init_mode="gpt2"``): every weight matrix ``N(0, initializer_range)``
+    (``0.8 / sqrt(d_model)`` unless the config sets it), biases 0, LayerNorm scales 1. With the
+    same ``seed``, the numbers are the ones the ``HookedTransformer`` draws (its order:
+    ``W_E``, ``W_pos``, per layer ``W_Q, W_O, W_K, W_V`` then ``W_in, W_out``, then ``W_U``),
+    laid out in the bridge's fused weights. ``boot_native``'s own initialisation has another
+    scale, with which the grokking and induction runs do not reproduce. Returns ``model``.
+    """
+    import einops
+
+    cfg = model.cfg
+    d = int(cfg.d_model)
+    std = float(getattr(cfg, "initializer_range", -1.0) or -1.0)
+    std = std if std > 0 else 0.8 / d**0.5
+    if seed is not None:
+        torch.manual_seed(seed)
+    params = {bridge_name(n): p for n, p in model.named_parameters()}
+    dtype = next(iter(params.values())).dtype
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype).normal_(0.0, std)
+
+    with torch.no_grad():
+        for name, p in params.items():
+            if name.endswith(".bias"):
+                p.zero_()
+            elif re.search(r"(^|\.)(ln1|ln2|ln_out)\.weight$", name):
+                p.fill_(1.0)
+        params["tok_embed.weight"].copy_(draw(*params["tok_embed.weight"].shape))
+        if "pos.weight" in params:
+            params["pos.weight"].copy_(draw(*params["pos.weight"].shape))
+        H, dh = int(cfg.n_heads), int(cfg.d_head)
+        for layer in range(int(cfg.n_layers)):
+            a = f"layers.{layer}.attn."
+            for proj in ("q", "o", "k", "v"):
+                if proj == "o":
+                    w = einops.rearrange(draw(H, dh, d), "head d_head d_model -> d_model (head d_head)")
+                else:
+                    w = einops.rearrange(draw(H, d, dh), "head d_model d_head -> (head d_head) d_model")
+                params[a + f"{proj}.weight"].copy_(w)
+            m = f"layers.{layer}.mlp."
+            if m + "fc_in.weight" in params:
+                d_mlp = int(cfg.d_mlp)
+                params[m + "fc_in.weight"].copy_(draw(d, d_mlp).T)
+                params[m + "fc_out.weight"].copy_(draw(d_mlp, d).T)
+        params["head.weight"].copy_(draw(*params["head.weight"].shape[::-1]).T)
+    return model

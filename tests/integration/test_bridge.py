@@ -46,7 +46,8 @@ def hooked_twin(bridge):
     except ImportError:
         pytest.skip("no HookedTransformer in this TransformerLens (4.x)")
     c = bridge.cfg
-    kw = dict(n_layers=c.n_layers, act_fn=c.act_fn, normalization_type=c.normalization_type, **DIMS)
+    kw = dict(n_layers=c.n_layers, act_fn=c.act_fn, normalization_type=c.normalization_type, attn_only=c.attn_only,
+              **DIMS)
     h = HookedTransformer(HookedTransformerConfig(**kw))
     P = {bridge_name(n): p.detach() for n, p in bridge.named_parameters()}
     H = dict(h.named_parameters())
@@ -62,12 +63,13 @@ def hooked_twin(bridge):
             H[f"blocks.{layer}.attn.W_O"].copy_(einops.rearrange(P[a + "o.weight"], "d (h e) -> h e d", h=nh))
             H[f"blocks.{layer}.attn.b_O"].copy_(P[a + "o.bias"])
             m = f"layers.{layer}.mlp."
-            H[f"blocks.{layer}.mlp.W_in"].copy_(P[m + "fc_in.weight"].T)
-            H[f"blocks.{layer}.mlp.b_in"].copy_(P[m + "fc_in.bias"])
-            H[f"blocks.{layer}.mlp.W_out"].copy_(P[m + "fc_out.weight"].T)
-            H[f"blocks.{layer}.mlp.b_out"].copy_(P[m + "fc_out.bias"])
+            if not c.attn_only:
+                H[f"blocks.{layer}.mlp.W_in"].copy_(P[m + "fc_in.weight"].T)
+                H[f"blocks.{layer}.mlp.b_in"].copy_(P[m + "fc_in.bias"])
+                H[f"blocks.{layer}.mlp.W_out"].copy_(P[m + "fc_out.weight"].T)
+                H[f"blocks.{layer}.mlp.b_out"].copy_(P[m + "fc_out.bias"])
             if c.normalization_type == "LN":
-                for ln in ("ln1", "ln2"):
+                for ln in ("ln1",) if c.attn_only else ("ln1", "ln2"):  # an attention-only bridge keeps an unused ln2
                     H[f"blocks.{layer}.{ln}.w"].copy_(P[f"layers.{layer}.{ln}.weight"])
                     H[f"blocks.{layer}.{ln}.b"].copy_(P[f"layers.{layer}.{ln}.bias"])
         if c.normalization_type == "LN":
@@ -193,3 +195,28 @@ def test_a_bridge_is_stored_by_its_config(tmp_path):
         (tmp_path / "run" / "manifest.json").write_text(json.dumps(tampered))
         with pytest.raises(TrajectoryError, match="model.config"):
             Trajectory.load(tmp_path / "run")
+
+
+@pytest.mark.parametrize("kw", [dict(n_layers=2, attn_only=True, normalization_type="LN"),
+                                dict(n_layers=1, act_fn="relu", normalization_type=None)])
+def test_hooked_initialisation_on_a_bridge(kw):
+    """With the same seed, the bridge gets exactly the numbers a HookedTransformer draws."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        pytest.skip("no HookedTransformer in this TransformerLens (4.x)")
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from explaind_tl.model.bridge import init_like_hooked_transformer
+
+    full = {**DIMS, **kw}
+    torch.manual_seed(5)
+    hooked = HookedTransformer(HookedTransformerConfig(seed=5, **full))
+    bridge = init_like_hooked_transformer(TransformerBridge.boot_native(TransformerBridgeConfig(**full)), seed=5)
+    want = hooked_twin_from(bridge, {n: p.detach() for n, p in bridge.named_parameters()})
+    for n, p in hooked.named_parameters():
+        assert torch.equal(want[n], p.detach()), n
+    x = torch.randint(0, P_MOD + 1, (4, 3))
+    with torch.no_grad():
+        assert_close_scaled(bridge(x), hooked(x), 1e-6)

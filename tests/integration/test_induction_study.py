@@ -113,3 +113,32 @@ def test_tiny_study_end_to_end_through_the_command_line(tmp_path, capsys):
         assert section in report
     for fig in ("curves.png", "heatmap_logprob.png", "cumulative_logprob.png"):
         assert (out / fig).stat().st_size > 1000 and f"({fig})" in report
+
+
+def test_tiny_study_on_a_transformer_bridge(tmp_path, capsys):
+    """`--backend bridge`: the same study on a TransformerBridge initialised as the
+    HookedTransformer is; where TransformerLens still has HookedTransformer, the two runs' curves
+    agree (same numbers at initialisation, the same forward up to rounding)."""
+    pytest.importorskip("transformer_lens.model_bridge")
+    import pandas as pd
+
+    from analyses.cli import main
+
+    out = tmp_path / "bridge"
+    assert main(["induction", "--config", "tiny", "--out", str(out), "--quiet", "--threads", "1", "--backend", "bridge"]) == 0
+    assert "backend bridge" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["backend"] == "bridge"
+    for name, e in summary["explain"].items():
+        assert e["certificate_ok"], name
+        assert e["forward"] == "model", name  # no read-out forward for bridges
+    bridge_curve = pd.read_csv(out / "metrics.csv")
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return
+    assert main(["induction", "--config", "tiny", "--out", str(tmp_path / "hooked"), "--quiet", "--threads", "1",
+                 "--backend", "hooked", "--no-explain"]) == 0
+    hooked_curve = pd.read_csv(tmp_path / "hooked" / "metrics.csv")
+    for col in ("eval_loss", "copy_loss", "ind_L1H0"):
+        assert_close_scaled(torch.tensor(bridge_curve[col].values), torch.tensor(hooked_curve[col].values), 1e-4)
