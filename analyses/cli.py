@@ -2,7 +2,7 @@
 
 Sub-commands:
 
-* ``explaind-tl grokking [--config default|nanda|tiny] [--out DIR] [--seed N] [--no-explain]
+* ``explaind-tl grokking [--config default|nanda|tiny] [--out DIR] [--seed N] [--no-explain] [--backend hooked|bridge]
   [--queries N]`` — train a modular-addition model until it groks, explain the run with
   ExPLAIND and write a report directory (``report.md``, figures, CSVs, attributions).
 * ``explaind-tl induction [--config default|tiny] [--out DIR] [--seed N] [--no-explain] [--backend hooked|bridge]
@@ -54,6 +54,12 @@ def _config_and_out(p: argparse.ArgumentParser, presets: dict[str, str], study: 
     p.add_argument("--out", default=None, help=f"report directory (default: runs/{study}-<config>)")
 
 
+def _backend_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["hooked", "bridge"], default=None,
+                   help="HookedTransformer (TransformerLens 3) or TransformerBridge (TransformerLens 4; booted natively, "
+                   "initialised as the HookedTransformer is); default: hooked where TransformerLens has it")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="explaind-tl",
@@ -73,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_and_out(g, _PRESETS, "grokking")
     g.add_argument("--seed", type=int, default=None, help="model-initialisation seed (default: the preset's)")
     g.add_argument("--no-explain", action="store_true", help="train and compute phases only")
+    _backend_argument(g)
     g.add_argument(
         "--queries", type=int, default=None, metavar="N",
         help="test queries for the per-query alignment analysis (default: the preset's)",
@@ -105,9 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_and_out(i, _INDUCTION_PRESETS, "induction")
     i.add_argument("--seed", type=int, default=None, help="seed of the model and the data (default: the preset's)")
     i.add_argument("--no-explain", action="store_true", help="train and measure only")
-    i.add_argument("--backend", choices=["hooked", "bridge"], default=None,
-                   help="HookedTransformer (TransformerLens 3) or TransformerBridge (TransformerLens 4; booted natively, "
-                   "initialised as the HookedTransformer); default: hooked where TransformerLens has it")
+    _backend_argument(i)
     i.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of the analyses (recorded steps always run single-threaded)")
     i.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -160,11 +165,6 @@ def _grokking(args: argparse.Namespace) -> int:
     from analyses.grokking.task import get_config
     from analyses.induction.task import resolve_backend
 
-    if resolve_backend("auto") != "hooked":
-        print("explaind-tl grokking builds a HookedTransformer, which this TransformerLens (4.x) no longer has; "
-              "install the tested 3.x set (`make setup`), or run `explaind-tl induction`, which runs on either",
-              file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {}
@@ -172,9 +172,10 @@ def _grokking(args: argparse.Namespace) -> int:
         overrides["seed"] = args.seed
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
+    overrides["backend"] = resolve_backend(args.backend or "auto")
     cfg = get_config(args.config, **overrides)
     out = Path(args.out or f"runs/grokking-{args.config}")
-    print(f"explaind-tl grokking: config {cfg.name} ({cfg.description})", flush=True)
+    print(f"explaind-tl grokking: config {cfg.name} ({cfg.description}), backend {cfg.backend}", flush=True)
     print(f"report directory: {out}", flush=True)
     t0 = time.perf_counter()
     res = run_study(
@@ -221,12 +222,6 @@ def _induction(args: argparse.Namespace) -> int:
 
 def _faithfulness(args: argparse.Namespace) -> int:
     from analyses.faithfulness.harness import run_faithfulness
-    from analyses.induction.task import resolve_backend
-
-    if args.study == "grokking" and resolve_backend("auto") != "hooked":
-        print("the grokking study builds a HookedTransformer, which this TransformerLens (4.x) no longer has; "
-              "use --study induction, or the tested 3.x set (`make setup`)", file=sys.stderr)
-        return 2
 
     try:
         drops = tuple(float(x) for x in args.drops.split(","))

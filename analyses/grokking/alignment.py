@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from explaind_tl.model.bridge import hooked_name
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -166,6 +168,7 @@ def swap_experiment(
     names = list(final)
 
     def is_outer(n: str, mlp_out: bool) -> bool:
+        n = hooked_name(n)  # a TransformerBridge's parameters by their HookedTransformer names
         return n in OUTER_PARAMS or (mlp_out and n.endswith(MLP_OUT_PARAMS))
 
     def acc(params: dict[str, torch.Tensor]) -> float:

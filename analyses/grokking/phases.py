@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from explaind_tl.model.bridge import embedding_matrix
+
 from .claims import rule_excluded_loss_rises, rule_restricted_loss_falls
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -228,7 +230,7 @@ def progress_measures(
     steps = list(trajectory.checkpoint_steps if steps is None else steps)
     final = trajectory.model(steps[-1])
     if key_freqs is None:
-        norms = frequency_norms(final.W_E.detach(), p)
+        norms = frequency_norms(embedding_matrix(final).detach(), p)
         key_freqs = [int(k) + 1 for k in torch.argsort(norms, descending=True)[:n_keys]]
     dirs = _key_directions(p, key_freqs)  # [2K, p^3]
     labels = ((torch.arange(p).repeat_interleave(p) + torch.arange(p).repeat(p)) % p).long()
@@ -241,7 +243,7 @@ def progress_measures(
         restricted = (coef @ dirs).reshape(p * p, p)
         excluded = (flat - coef @ dirs).reshape(p * p, p)
         full = logits.reshape(p * p, p)
-        norms = frequency_norms(model.W_E.detach(), p)
+        norms = frequency_norms(embedding_matrix(model).detach(), p)
         row = {
             "step": int(s),
             "full_loss": _ce(full, labels),

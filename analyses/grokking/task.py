@@ -35,7 +35,7 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
 
 __all__ = [
     "CONFIGS",
@@ -158,6 +158,9 @@ class GrokkingConfig:
         n_train_queries: Training examples (a seeded subset) used as queries for the
             training-set influence; ``None`` for all.
         n_fourier_keys: Number of key frequencies used by the progress measures.
+        backend: ``"hooked"`` (a ``HookedTransformer``), ``"bridge"`` (a ``TransformerBridge``
+            booted natively and initialised as the ``HookedTransformer`` is) or ``"auto"``
+            (hooked where TransformerLens has it).
         description: One line for ``--help`` and the report.
     """
 
@@ -189,6 +192,7 @@ class GrokkingConfig:
     n_test_queries: int | None = None
     n_train_queries: int | None = 96
     n_fourier_keys: int = 5
+    backend: str = "auto"
     description: str = field(default="", compare=False)
 
     # ---- derived -----------------------------------------------------------------------
@@ -247,8 +251,22 @@ class GrokkingConfig:
             device="cpu",
         )
 
-    def make_model(self) -> HookedTransformer:
-        """A freshly initialised ``HookedTransformer`` (seeded by ``seed``)."""
+    def make_model(self) -> torch.nn.Module:
+        """A freshly initialised ``HookedTransformer`` (seeded by ``seed``), or a
+        ``TransformerBridge`` with the same initial numbers (``backend="bridge"``)."""
+        from analyses.induction.task import resolve_backend
+
+        if resolve_backend(self.backend) == "bridge":
+            from transformer_lens.config import TransformerBridgeConfig
+            from transformer_lens.model_bridge import TransformerBridge
+
+            from explaind_tl.model.bridge import init_like_hooked_transformer
+
+            bcfg = TransformerBridgeConfig(
+                n_layers=self.n_layers, d_model=self.d_model, d_head=self.d_head, n_heads=self.n_heads, d_mlp=self.d_mlp,
+                d_vocab=self.p + 1, d_vocab_out=self.p, n_ctx=self.n_ctx, act_fn=self.act_fn,
+                normalization_type=self.normalization_type)
+            return init_like_hooked_transformer(TransformerBridge.boot_native(bcfg), self.seed)
         from transformer_lens import HookedTransformer
 
         torch.manual_seed(self.seed)

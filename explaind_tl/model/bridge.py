@@ -52,6 +52,33 @@ def bridge_name(name: str) -> str:
     return name.replace(_WRAP, "")
 
 
+_HOOKED_NAMES = {"tok_embed.weight": "embed.W_E", "pos.weight": "pos_embed.W_pos", "head.weight": "unembed.W_U",
+                 "head.bias": "unembed.b_U", "ln_out.weight": "ln_final.w", "ln_out.bias": "ln_final.b"}
+_HOOKED_LAYER = {"ln1.weight": "ln1.w", "ln1.bias": "ln1.b", "ln2.weight": "ln2.w", "ln2.bias": "ln2.b",
+                 "attn.o.bias": "attn.b_O", "mlp.fc_in.weight": "mlp.W_in", "mlp.fc_in.bias": "mlp.b_in",
+                 "mlp.fc_out.weight": "mlp.W_out", "mlp.fc_out.bias": "mlp.b_out"}
+
+
+def hooked_name(name: str) -> str:
+    """The ``HookedTransformer`` name of the parameter a bridge parameter holds (its layout may
+    differ: ``fc_in.weight`` is ``W_in`` transposed; the fused q/k/v/o weights have no single
+    name and keep theirs). Other names are returned as they are."""
+    short = bridge_name(name)
+    if short in _HOOKED_NAMES:
+        return _HOOKED_NAMES[short]
+    m = re.match(r"^layers\.(\d+)\.(.*)$", short)
+    if m and m.group(2) in _HOOKED_LAYER:
+        return f"blocks.{m.group(1)}.{_HOOKED_LAYER[m.group(2)]}"
+    return name
+
+
+def embedding_matrix(model: Any) -> torch.Tensor:
+    """The token embedding ``W_E`` ``[d_vocab, d_model]`` of a ``HookedTransformer`` or a bridge."""
+    if is_transformer_bridge(model):
+        return dict(model.named_parameters())["tok_embed._original_component.weight"]
+    return model.W_E
+
+
 def bridge_assign(name: str, shape: torch.Size, granularity: str, cfg: Any) -> list[tuple[str, Any, str]] | None:
     """Assignments ``(label, index_expr, hook)`` of one bridge parameter at a granularity, with
     the labels and hook points of the equivalent ``HookedTransformer`` parameter; ``None`` for a

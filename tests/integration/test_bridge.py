@@ -166,6 +166,12 @@ def test_train_axis_on_a_bridge(bridge_run):
     assert attr.completeness.ok
     ids = [t for t in attr.coords["train"] if isinstance(t, int)]
     assert len(ids) == 30 and float(attr.sel(train=ids).values.abs().sum()) > 0
+    from explaind_tl import metagradient
+
+    mg = metagradient(traj, test, metric="correct_logprob", reduce="mean", progress=False)
+    assert mg.meta["ok"] and mg.values.shape == (30,) and float(mg.values.abs().sum()) > 0
+    steps = metagradient(traj, test, metric="correct_logprob", wrt="component_step", reduce="mean", progress=False)
+    assert "L0H2" in steps.coords["component"] and steps.meta["ok"]
 
 
 def test_a_bridge_is_stored_by_its_config(tmp_path):

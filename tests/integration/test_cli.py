@@ -91,14 +91,3 @@ def test_migrate_reports_a_path_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     assert main(["migrate", str(tmp_path / "mine")]) == 1
     assert "neither a run directory" in capsys.readouterr().err
-
-
-def test_grokking_on_transformerlens_4_is_refused_clearly(monkeypatch, capsys):
-    """Without HookedTransformer (TransformerLens 4) the grokking study says so before any work."""
-    import analyses.induction.task as task
-    from analyses.cli import main
-
-    monkeypatch.setattr(task, "resolve_backend", lambda backend: "bridge")
-    assert main(["grokking", "--config", "tiny", "--out", "/nonexistent/never-written"]) == 2
-    assert "no longer has" in capsys.readouterr().err
-    assert main(["faithfulness", "--study", "grokking", "--out", "/nonexistent/never-written"]) == 2

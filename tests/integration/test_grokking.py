@@ -67,9 +67,12 @@ def test_presets():
 
 
 def test_model_and_optimizer():
+    from analyses.induction.task import resolve_backend
+
     cfg = get_config("tiny")
-    hc = cfg.hooked_config()
-    assert (hc.d_vocab, hc.d_vocab_out, hc.n_ctx, hc.act_fn, hc.normalization_type) == (cfg.p + 1, cfg.p, 3, "relu", None)
+    if resolve_backend("auto") == "hooked":  # TransformerLens 4 has no HookedTransformerConfig
+        hc = cfg.hooked_config()
+        assert (hc.d_vocab, hc.d_vocab_out, hc.n_ctx, hc.act_fn, hc.normalization_type) == (cfg.p + 1, cfg.p, 3, "relu", None)
     model = cfg.make_model()
     out = model(torch.tensor([[1, 2, cfg.p]]))
     assert out.shape == (1, 3, cfg.p)
@@ -279,3 +282,27 @@ def test_alignment_rows(study):
     assert "all" in set(al["component"])
     cos = al["mean_cosine"].dropna()
     assert ((cos >= -1 - 1e-9) & (cos <= 1 + 1e-9)).all()
+
+
+def test_tiny_grokking_on_a_transformer_bridge(tmp_path, capsys):
+    """`--backend bridge`: the same study on a TransformerBridge with the HookedTransformer's
+    initial numbers; the two runs' curves agree to rounding while the run is not yet chaotic
+    (its first 50 steps; this memorising run amplifies float32 rounding afterwards)."""
+    pytest.importorskip("transformer_lens.model_bridge")
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        pytest.skip("no HookedTransformer to compare with (TransformerLens 4)")
+    from analyses.cli import main
+
+    curves = {}
+    for backend in ("bridge", "hooked"):
+        out = tmp_path / backend
+        assert main(["grokking", "--config", "tiny", "--out", str(out), "--quiet", "--no-explain", "--backend", backend]) == 0
+        assert f"backend {backend}" in capsys.readouterr().out
+        curves[backend] = pd.read_csv(out / "metrics.csv")
+    early = curves["hooked"]["step"] <= 50
+    for col in ("train_loss", "test_loss"):
+        got = torch.tensor(curves["bridge"][col][early].values)
+        want = torch.tensor(curves["hooked"][col][early].values)
+        assert_close_scaled(got, want, 1e-4)
