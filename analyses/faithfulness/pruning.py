@@ -51,7 +51,10 @@ def explaind_entry_scores(traj: Any, queries: dict, metric: str, position: Any) 
     cmap = entry_map(traj.model(0), list(traj.param_names))
     attr = explain(traj, queries, metric=metric, position=position, by=("query", "component"), components=cmap,
                    progress=False)
-    return attr.values.abs().sum(0).to(torch.float64)
+    scores = attr.values.abs().sum(attr.dims.index("query")).to(torch.float64)  # the axes in the result's order
+    if scores.shape != (len(cmap.labels),):
+        raise RuntimeError(f"per-weight scores of shape {tuple(scores.shape)}, expected [{len(cmap.labels)}]")
+    return scores
 
 
 def flat_params(traj: Any) -> Tensor:

@@ -283,6 +283,23 @@ def test_entry_map_splits_the_parameter_attribution_exactly(runs):
         start += size
 
 
+def test_explaind_entry_scores_sum_each_querys_entries(runs):
+    """``[P]`` scores, each ``Σ_q |A_{q,p}|``: against one explain per query (an independent
+    split of the same sum), whatever order the result's axes come in."""
+    from analyses.faithfulness.pruning import entry_map, explaind_entry_scores
+    from explaind_tl import explain
+
+    traj = runs["mini"]
+    _, test = modular_data(7, 30, 8)
+    q = {k: v[:3] for k, v in test.items()}
+    got = explaind_entry_scores(traj, q, "correct_logprob", -1)
+    cmap = entry_map(traj.model(0), list(traj.param_names))
+    assert got.shape == (len(cmap.labels),)
+    want = sum(explain(traj, {k: v[j:j + 1] for k, v in q.items()}, metric="correct_logprob", by=("component",),
+                       components=cmap, progress=False).values.abs() for j in range(3))
+    assert torch.allclose(got, want.to(torch.float64), rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
 def test_pruning_zeroes_the_lowest_scores_and_tells_rankings_apart(runs):
     from analyses.faithfulness.pruning import flat_params, predictions, pruned, run_pruning
 
