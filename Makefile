@@ -30,8 +30,9 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # TransformerLens 4 (TransformerBridge, no HookedTransformer) in its own environment: the unit
-# tests, the bridge tests (record, replay, explain a bridge model) and both studies on a bridge
-# (the default backend there); the rest of the suite builds HookedTransformers (3.x)
+# tests, the bridge tests (record, replay, explain a bridge model), both studies and the
+# faithfulness command on a bridge (the default backend there); the rest of the suite builds
+# HookedTransformers (3.x)
 VENV4  := .venv-tl4
 STAMP4 := $(VENV4)/.installed-stamp
 
@@ -44,7 +45,7 @@ $(STAMP4): pyproject.toml constraints-tl4.txt
 
 test-tl4: $(STAMP4)
 	$(VENV4)/bin/python -m pytest -q tests/unit tests/integration/test_bridge.py tests/integration/test_induction_study.py \
-		tests/integration/test_grokking.py
+		tests/integration/test_grokking.py tests/integration/test_faithfulness.py
 
 # rebuild examples/*.ipynb from examples/_make_notebooks.py and execute them (outputs committed)
 notebooks: $(STAMP)
