@@ -41,10 +41,10 @@ from explaind_tl.engine.assemble import finish, sweep_facts
 from explaind_tl.engine.certify import Certifier
 from explaind_tl.engine.options import QUERY_GRADS, UNSET, ExplainOptions
 from explaind_tl.engine.plan import (
-    check_lm_queries,
     default_query_chunk,
     make_plan,
     normalize_queries,
+    prepare_queries,
     probe_outputs,
 )
 from explaind_tl.engine.realized import run_realized
@@ -52,7 +52,6 @@ from explaind_tl.engine.resume import Resume, fingerprint
 from explaind_tl.engine.seen import run_seen
 from explaind_tl.engine.setup import Setup
 from explaind_tl.engine.validate import as_trajectory, check_arguments, check_flag
-from explaind_tl.metrics import LM_METRICS, resolve_metric
 from explaind_tl.model.components import ComponentMap
 from explaind_tl.run.step import torch_threads
 
@@ -311,14 +310,7 @@ def prepare(trajectory, queries, metric, by, components, reduce, steps, step_bin
                 "gradients: pass dtype=torch.float32 or torch.float64"
             )
         opts = opts.replace(dtype=dtype)
-    metric_fn, needs_label = resolve_metric(metric, position, by_position="position" in by)
-    lm = isinstance(metric, str) and metric in LM_METRICS
-    one = None if callable(metric) or lm else (-1 if position is None else position)
-    batch = normalize_queries(queries, model, needs_label, position=one)
-    if lm:  # the positions each query is scored at, checked against the queries now
-        position = check_lm_queries(batch, metric, position)
-    else:
-        position = one
+    metric_fn, batch, position = prepare_queries(queries, model, metric, position, by_position="position" in by)
 
     # ------------------------------------------------ plan: rows, axes, components, chunks
     cmap = None

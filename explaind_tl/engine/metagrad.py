@@ -43,9 +43,9 @@ from torch.func import grad, vjp, vmap
 
 from explaind_tl.attribution import Attribution
 from explaind_tl.engine import prefetch
-from explaind_tl.engine.plan import check_lm_queries, normalize_queries
+from explaind_tl.engine.plan import prepare_queries
 from explaind_tl.errors import CertificateWarning
-from explaind_tl.metrics import LM_METRICS, check_position, resolve_metric
+from explaind_tl.metrics import check_position
 from explaind_tl.model.functional import LossFunction, QueryFunction
 from explaind_tl.optim_step import clipped, functional_step
 
@@ -64,8 +64,8 @@ def _check(trajectory: Any, wrt: Any, reduce: Any, steps: Any, dtype: Any, tol: 
         raise ValueError("step_bins applies to wrt='component_step'")
     if reduce not in (None, "sum", "mean"):
         raise ValueError(f"reduce must be None (one column per query), 'sum' or 'mean', got {reduce!r}")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64 (or None: the run's), got {dtype!r}")
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     T = trajectory.num_steps
@@ -151,13 +151,13 @@ def metagradient(
     """
     t0 = time.perf_counter()
     position = check_position(metric, position)
+    a, b = _check(trajectory, wrt, reduce, steps, dtype, 1.0 if tol is None else tol, step_bins)
+    if wrt == "train" and not (isinstance(components, str) and components == "head"):
+        raise ValueError("components applies to wrt='component_step' (wrt='train' has no component axis)")
     model = trajectory.model()
     recorded64 = next(model.parameters()).dtype == torch.float64
     if dtype is None:
         dtype = torch.float64 if recorded64 else torch.float32
-    a, b = _check(trajectory, wrt, reduce, steps, dtype, 1.0 if tol is None else tol, step_bins)
-    if wrt == "train" and not (isinstance(components, str) and components == "head"):
-        raise ValueError("components applies to wrt='component_step' (wrt='train' has no component axis)")
     cmap = None
     if wrt == "component_step":
         from explaind_tl.model.components import ComponentMap
@@ -167,12 +167,7 @@ def metagradient(
         width = step_bins or 1
         n_bins = -(-(b - a) // width)
     tol = (1e-6 if recorded64 else 1e-3) if tol is None else float(tol)
-    metric_fn, needs_label = resolve_metric(metric, position)
-    lm = isinstance(metric, str) and metric in LM_METRICS
-    one = None if callable(metric) or lm else (-1 if position is None else position)
-    batch = normalize_queries(queries, model, needs_label, position=one)
-    if lm:
-        check_lm_queries(batch, metric, position)
+    metric_fn, batch, _ = prepare_queries(queries, model, metric, position)
     device = trajectory.device
     batch = {k: v.to(device) for k, v in batch.items()}
     names = list(trajectory.param_names)

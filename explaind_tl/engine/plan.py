@@ -17,7 +17,7 @@ from torch import Tensor
 
 from explaind_tl.axes import PSEUDO, SOURCES
 from explaind_tl.errors import QueryError
-from explaind_tl.metrics import LOSS_MASK, read_positions
+from explaind_tl.metrics import LM_METRICS, LOSS_MASK, read_positions, resolve_metric
 from explaind_tl.model.functional import model_input
 
 
@@ -114,6 +114,24 @@ def normalize_queries(
             if key in batch and d_out is not None and (batch[key].min() < 0 or batch[key].max() >= d_out):
                 raise QueryError(f"query {key} out of range [0, {d_out}): [{int(batch[key].min())}, {int(batch[key].max())}]")
     return batch
+
+
+def prepare_queries(
+    queries: Any, model: torch.nn.Module, metric: Any, position: Any, by_position: bool = False
+) -> tuple[Any, dict[str, Tensor], int | list[int] | None]:
+    """The metric function, the normalised queries and the position(s) it reads, checked
+    against the queries (``None`` for a callable metric): what ``explain`` and
+    ``metagradient`` both start from.
+
+    Raises:
+        QueryError, ValueError: as :func:`normalize_queries`, :func:`check_lm_queries`.
+    """
+    metric_fn, needs_label = resolve_metric(metric, position, by_position=by_position)
+    lm = isinstance(metric, str) and metric in LM_METRICS
+    one = None if callable(metric) or lm else (-1 if position is None else position)
+    batch = normalize_queries(queries, model, needs_label, position=one)
+    # next-token metrics: the positions each query is scored at, checked against the queries now
+    return metric_fn, batch, check_lm_queries(batch, metric, position) if lm else one
 
 
 def check_lm_queries(batch: dict[str, Tensor], metric: str, position: Any) -> list[int]:

@@ -316,12 +316,7 @@ class QueryFunction:
             return None
         if getattr(self.model.cfg, "attention_dir", "causal") != "causal":
             return None
-        if isinstance(position, int):
-            return readout_units(self.model.cfg, n_pos, position)
-        out = readout_units(self.model.cfg, n_pos, position[0])
-        for p in position[1:]:
-            out = out | readout_units(self.model.cfg, n_pos, p)
-        return out
+        return readout_units(self.model.cfg, n_pos, position)
 
     def values_and_preacts(
         self, params: Params, batch: dict[str, Tensor], cert: bool = True, scale: list[Tensor] | None = None
@@ -354,9 +349,7 @@ class QueryFunction:
             out = (v * w[:, None]).sum(0)
             return out if resolve_outputs else out.sum().reshape(1)
 
-        if resolve_outputs:
-            return jacrev(f)(params)
-        return {k: g.unsqueeze(0) for k, g in grad(lambda p: f(p)[0])(params).items()}  # no vmap for one row
+        return _rows_grad(f, params, resolve_outputs)
 
     def aggregate_quadrature(
         self,
@@ -392,9 +385,7 @@ class QueryFunction:
             out = (v * w_rows[:, None]).sum(0)
             return out if resolve_outputs else out.sum().reshape(1)
 
-        if resolve_outputs:
-            return jacrev(f)(params)
-        return {k: g.unsqueeze(0) for k, g in grad(lambda p: f(p)[0])(params).items()}
+        return _rows_grad(f, params, resolve_outputs)
 
     def per_query_directional(
         self, params: Params, batch: dict[str, Tensor], tangents: Params, resolve_outputs: bool
@@ -461,6 +452,14 @@ class QueryFunction:
             return total if resolve_outputs else total.sum().reshape(1)
 
         return vmap(jacrev(f), in_dims=(None, 0, 0))(params, batch, weights.to(self.dtype))
+
+
+def _rows_grad(f: Callable[[Params], Tensor], params: Params, resolve_outputs: bool) -> dict[str, Tensor]:
+    """Gradients ``[R, *shape]`` of the ``R`` rows of ``f(params)``: ``jacrev`` for several
+    outputs, one plain ``grad`` (no vmap) for the single summed row."""
+    if resolve_outputs:
+        return jacrev(f)(params)
+    return {k: g.unsqueeze(0) for k, g in grad(lambda p: f(p)[0])(params).items()}
 
 
 def _compare_readout(readout: Readout, reference: nn.Module, tokens: Tensor, params: Params | None, tol: float,
