@@ -43,6 +43,11 @@ COMFORTABLE = 0.1
 # the node choices of one sweep over the whole window.
 RESTART_EVERY = 16
 
+# Per-query rows: the per-query Jacobians of one call hold at most this many bytes ([rows,
+# outputs, P] in the working dtype); a chunk with more rows (queries and the extra pieces of
+# kinked queries) is taken in several calls, each written straight into φ̂
+JACOBIAN_BYTES = 64 << 20
+
 
 class Certifier:
     """``φ̂_s`` of each step, refined against its certificate, and the certificate's records.
@@ -209,17 +214,27 @@ class Certifier:
             phi = torch.zeros(n_rows, width, dtype=torch.float64, device=self.ctx.device)
         o = plan.rows_per_query
         if tangents is None and plan.resolve_query:
-            # one Jacobian of the node-weighted metric per row: the node sum happens in the backward
-            g = self.ctx.qf.per_query_quadrature(w, delta, t_nodes.tolist(), weights.to(self.ctx.device), sub, plan.resolve_output)
-            # each query's leading row written in place, then the extra pieces of kinked queries
-            # added row by row (index_add_ into the strided view costs a full pass)
+            # one Jacobian of the node-weighted metric per row: the node sum happens in the backward;
+            # rows in batches of at most JACOBIAN_BYTES of [rows, outputs, P] gradients
             grid = phi.view(len(idx), o, phi.shape[1])
-            extra = list(zip(range(n_lead, len(rows_q)), pos[n_lead:].tolist()))
-            for name, sl in self.ctx.layout.slices.items():
-                gn, view = g[name], grid[:, :, sl].unflatten(2, self.ctx.layout_shapes[name])
-                view.copy_(gn[:n_lead])
-                for r, q_at in extra:
-                    view[q_at].add_(gn[r])
+            per_row = o * self.ctx.layout.numel * torch.finfo(self.ctx.dtype).bits // 8
+            step_rows = max(1, JACOBIAN_BYTES // per_row)
+            wts = weights.to(self.ctx.device)
+            pos_list = pos.tolist()
+            for r0 in range(0, len(rows_q), step_rows):
+                r1 = min(r0 + step_rows, len(rows_q))
+                part = {k: v[r0:r1] for k, v in sub.items()}
+                g = self.ctx.qf.per_query_quadrature(w, delta, t_nodes.tolist(), wts[r0:r1], part, plan.resolve_output)
+                # each query's leading row written in place, then the extra pieces of kinked
+                # queries added row by row (index_add_ into the strided view costs a full pass)
+                lead_end = min(r1, n_lead)
+                for name, sl in self.ctx.layout.slices.items():
+                    gn, view = g[name], grid[:, :, sl].unflatten(2, self.ctx.layout_shapes[name])
+                    if r0 < lead_end:
+                        view[r0:lead_end].copy_(gn[: lead_end - r0])
+                    for r in range(max(r0, n_lead), r1):
+                        view[pos_list[r]].add_(gn[r - r0])
+                del g
             return phi
         if tangents is None:  # aggregated rows: the node-weighted gradient of the weighted query sum
             rw = (plan.weights[rows_q][:, None] * weights).to(self.ctx.device)

@@ -60,11 +60,14 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
     # With a core to spare, each step's data entries (per-example gradients and their GEMM with
     # Ã_s) run in a worker thread while the main thread computes the next φ̂: Ã is then
     # double-buffered (the worker reads Ã_s while Ã_{s-1} is written into the other buffer).
+    # Double-buffered, φ̂_s is written into the free buffer (sorted into it, with a permutation)
+    # and turned into Ã_s there in place, so no [rows, P] matrix is held beside the two.
     overlap = ctx.prefetch
     A_bufs = [torch.zeros(R, P, dtype=ctx.dtype, device=ctx.device) for _ in range(2 if overlap else 1)]
     cur = 0  # A_bufs[cur] holds Ã_{s+1} (blocks' order)
-    phi_out = torch.empty(R, P, dtype=ctx.dtype, device=ctx.device)  # φ̂_s as the certifier writes it
-    phi_sorted = torch.empty_like(phi_out) if blocks.perm is not None else None
+    # φ̂_s as the certifier writes it (layout order), and sorted into the blocks' order
+    phi_out = None if overlap and blocks.perm is None else torch.empty(R, P, dtype=ctx.dtype, device=ctx.device)
+    phi_sorted = torch.empty(R, P, dtype=ctx.dtype, device=ctx.device) if blocks.perm is not None and not overlap else None
     beta_next = 0.0  # β_{s+1} of the step after the current one (Ã_b = 0 at the window's end)
     done_before = b
     q1 = None
@@ -101,44 +104,31 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
         cert.restore(state)
     bar = prefetch.progress_bar(progress, total=b - a, initial=b - done_before, desc="explain (train, adjoint)")
     try:
-        for seg in prefetch.prefetched(ctx.traj.segments(a, done_before, reverse=True), ctx.prefetch):
+        for seg in prefetch.prefetched(ctx.traj.segments(a, done_before, reverse=True, grads=False), ctx.prefetch):
             for rec in reversed(seg):
                 s = rec.step
                 if q1 is None:
                     q1 = cert.endpoint(rec.next_params, s + 1)
                 q0 = cert.endpoint(rec.params, s)
-                cert.phi(s, rec.params, rec.next_params, q0, q1, out=phi_out)
-                phi = blocks.sort_into(phi_out, phi_sorted)
+                nxt = (cur + 1) % len(A_bufs)
+                A = A_bufs[nxt]
+                if overlap:
+                    if phi_out is None:
+                        cert.phi(s, rec.params, rec.next_params, q0, q1, out=A)
+                        phi = A
+                    else:
+                        cert.phi(s, rec.params, rec.next_params, q0, q1, out=phi_out)
+                        phi = blocks.sort_into(phi_out, A)
+                else:
+                    cert.phi(s, rec.params, rec.next_params, q0, q1, out=phi_out)
+                    phi = blocks.sort_into(phi_out, phi_sorted)
                 q1 = q0
                 spec = ctx.step_spec(rec)
                 co = ctx.coefficients(rec)
                 Pv = ctx.sorted64(co.P)
                 e = ctx.sorted64(co.e) if co.e is not None else None
                 w64 = ctx.sorted64(rec.params)
-                # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1} (into the other buffer when double-buffered)
-                nxt = (cur + 1) % len(A_bufs)
-                A = A_bufs[nxt]
-                if co.has_buffer:
-                    torch.mul(A_bufs[cur], beta_next, out=A).addcmul_(phi, Pv.to(ctx.dtype))
-                else:
-                    torch.mul(phi, Pv.to(ctx.dtype), out=A)
-                cur = nxt
-                beta_next = co.beta if co.has_buffer else 0.0
-                # gradient gt_s enters with G_s = c_s Ã_s + e_s ⊙ φ_s: without e_s, GEMMs on Ã_s scaled by c_s
-                if e is not None:
-                    G, g_scale = torch.mul(A, co.c).addcmul_(phi, e.to(ctx.dtype)), 1.0
-                else:
-                    G, g_scale = A, co.c
-                k = plan.bin_of(s)
-                # training examples seen at step s: their entries (the worker's, with overlap)
-                ids = rec.batch_ids.to(torch.long)
-                job = (G, g_scale, ids, ctx.to_work(rec.params), k, rec.clip_factor / len(ids) * g_scale)
-                settle()
-                if pool is not None:
-                    pending = pool.submit(data_job, *job)
-                else:
-                    book(data_job(*job))
-                # every other entry: float64 contractions of Ã_s and φ_s with flat vectors
+                # the entries that contract φ_s with flat vectors (before φ_s may become Ã_s in place)
                 delta = ctx.sorted64(rec.next_params) - w64
                 kept = delta + co.decoupled_wd * w64
                 on_A, on_phi = {}, {}
@@ -158,8 +148,35 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
                         on_phi["reg"] = co.coupled_wd * e * w64
                 if co.decoupled_wd:
                     on_phi["wd"] = -co.decoupled_wd * w64
-                dA = _contract(blocks, A, on_A)
                 dphi = _contract(blocks, phi, on_phi)
+                e_phi = torch.mul(phi, e.to(ctx.dtype)) if e is not None else None
+                # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1} (in the other buffer when double-buffered)
+                if phi is A:  # φ_s sits in that buffer: scale it in place
+                    A.mul_(Pv.to(ctx.dtype))
+                    if co.has_buffer:
+                        A.add_(A_bufs[cur], alpha=beta_next)
+                elif co.has_buffer:
+                    torch.mul(A_bufs[cur], beta_next, out=A).addcmul_(phi, Pv.to(ctx.dtype))
+                else:
+                    torch.mul(phi, Pv.to(ctx.dtype), out=A)
+                cur = nxt
+                beta_next = co.beta if co.has_buffer else 0.0
+                # gradient gt_s enters with G_s = c_s Ã_s + e_s ⊙ φ_s: without e_s, GEMMs on Ã_s scaled by c_s
+                if e_phi is not None:
+                    G, g_scale = e_phi.add_(A, alpha=co.c), 1.0
+                else:
+                    G, g_scale = A, co.c
+                k = plan.bin_of(s)
+                # training examples seen at step s: their entries (the worker's, with overlap)
+                ids = rec.batch_ids.to(torch.long)
+                job = (G, g_scale, ids, ctx.to_work(rec.params), k, rec.clip_factor / len(ids) * g_scale)
+                settle()
+                if pool is not None:
+                    pending = pool.submit(data_job, *job)
+                else:
+                    book(data_job(*job))
+                # every other entry: float64 contractions of Ã_s (and of φ_s, above) with flat vectors
+                dA = _contract(blocks, A, on_A)
                 reg = dA.get("reg", 0.0) + dphi.get("reg", 0.0)
                 if co.coupled_wd:
                     acc[k, :, :, col["regularization"]] += reg

@@ -62,9 +62,12 @@ class StepRecord:
 
     Attributes:
         step: ``s``.
-        params: ``w_s`` (clones, dtype as trained, usually float32).
+        params: ``w_s`` (copies of the live parameters, dtype as trained, usually float32;
+            within one replay the same tensors as the previous record's ``next_params``:
+            read-only).
         next_params: ``w_{s+1}``.
-        grad: ``g_s``: clipped mean-loss gradient the optimizer saw (before coupled L2).
+        grad: ``g_s``: clipped mean-loss gradient the optimizer saw (before coupled L2);
+            ``{}`` from ``Trajectory.segments(..., grads=False)``.
         state_before: Optimizer state before the step, ``{"exp_avg": {name: T}, ...}``;
             ``{}`` before the first step (and always for plain SGD).
         state_after: Optimizer state after the step.
@@ -369,11 +372,15 @@ class Trajectory:
 
     # ------------------------------------------------------------ replay
 
-    def _replay(self, start_ck: int, stop: int, capture: bool, final_only: bool = False) -> Iterator[StepRecord | tuple[int, Params, State]]:
+    def _replay(self, start_ck: int, stop: int, capture: bool, final_only: bool = False,
+                grads: bool = True) -> Iterator[StepRecord | tuple[int, Params, State]]:
         """Replay from checkpoint ``start_ck`` up to step ``stop`` (exclusive).
 
         Yields a :class:`StepRecord` per step (``capture``), else ``(s + 1, w_{s+1}, state)``
-        per step, or only after the last step with ``final_only``.
+        per step, or only after the last step with ``final_only``. Consecutive records share
+        tensors: a record's ``params`` and ``state_before`` are the previous record's
+        ``next_params`` and ``state_after`` (the same values), so a segment of ``K`` records
+        holds ``w``, the state and (with ``grads``) ``g`` once per step, not twice.
         """
         model, opt, params = self._work_model()
         ck = self.checkpoint(start_ck)
@@ -382,14 +389,17 @@ class Trajectory:
                 p.copy_(ck[f"param/{n}"])
         load_optimizer_state(opt, checkpoint_optimizer_tensors(ck), self.param_names)
         spec = self.optimizer_spec
+        w_next = state_after = None  # the previous record's, shared with the next one
         for s in range(start_ck, stop):
             ids = self.batch_ids(s)
             raw = self._ids[s]
             batch = {k: v.to(self.device) for k, v in gather_batch(self.train_columns, None if raw is None else ids).items()}
-            w_s = {n: p.detach().clone() for n, p in zip(self.param_names, params)} if capture else None
-            state_before = state_dict_by_key(opt, self.param_names) if capture else None
+            w_s = state_before = None
+            if capture:
+                w_s = w_next if w_next is not None else {n: p.detach().clone() for n, p in zip(self.param_names, params)}
+                state_before = state_after if state_after is not None else state_dict_by_key(opt, self.param_names)
             hp = self.hyperparameters(s)
-            out = self.train_step_at(s, model, opt, params, batch, capture_grads=capture)
+            out = self.train_step_at(s, model, opt, params, batch, capture_grads=capture and grads)
             if out.loss != self._loss[s]:
                 self.loss_mismatch.setdefault(s, (out.loss, self._loss[s]))
             if capture:
@@ -403,7 +413,7 @@ class Trajectory:
                     step=s,
                     params=w_s,
                     next_params=w_next,
-                    grad=dict(zip(self.param_names, out.grads)),
+                    grad=dict(zip(self.param_names, out.grads)) if grads else {},
                     state_before=state_before,
                     state_after=state_after,
                     step_count=step_count,
@@ -516,17 +526,22 @@ class Trajectory:
         finally:
             bar.close()
 
-    def segments(self, start: int = 0, stop: int | None = None, *, reverse: bool = False) -> Iterator[list[StepRecord]]:
+    def segments(self, start: int = 0, stop: int | None = None, *, reverse: bool = False,
+                 grads: bool = True) -> Iterator[list[StepRecord]]:
         """Checkpoint segments ∩ ``[start, stop)``, each as a forward-ordered list of records.
 
         With ``reverse=True`` segments come from the last one backwards (for adjoint sweeps);
-        records inside each list stay in forward order.
+        records inside each list stay in forward order. Records of a segment share tensors
+        (a record's ``params``/``state_before`` are the previous one's
+        ``next_params``/``state_after``): treat them as read-only. ``grads=False`` leaves
+        ``StepRecord.grad`` empty (``{}``), for sweeps that never read it (one parameter
+        vector less per step held in memory).
         """
         ranges = self._ranges(start, stop)
         if reverse:
             ranges = ranges[::-1]
         for c, lo, hi in ranges:
-            records = [r for r in self._replay(c, hi, capture=True) if r.step >= lo]
+            records = [r for r in self._replay(c, hi, capture=True, grads=grads) if r.step >= lo]
             if records and hi in self.checkpoint_steps:
                 self._check_replay(hi, records[-1].next_params)
             yield records

@@ -405,6 +405,33 @@ def test_per_query_jvp_equals_per_query_gradients(tmp_path, act_fn):
         explain(traj, test, by=("query",), query_grads="fast", progress=False)
 
 
+def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch):
+    """A chunk's per-query Jacobians taken a few rows per call (kinked queries' pieces landing in
+    other calls than their leading rows) give the entries of one call per chunk."""
+    import explaind_tl.engine.certify as certify
+    from explaind_tl.model.functional import QueryFunction
+
+    train, test = modular_data()
+    traj, _, _ = record(tmp_path, tiny_transformer("relu", seed=3), "adamw", train, steps=6)
+    kw = dict(by=("query", "output", "train"), metric="logits", dtype=torch.float64, tol=1e-10, query_grads="grad",
+              fast_forward=False, progress=False)
+    one = explain(traj, test, **kw)
+    calls = []
+    real = QueryFunction.per_query_quadrature
+
+    def spy(self, params, delta, t_nodes, weights, batch, resolve_outputs):
+        calls.append(len(weights))
+        return real(self, params, delta, t_nodes, weights, batch, resolve_outputs)
+
+    monkeypatch.setattr(QueryFunction, "per_query_quadrature", spy)
+    n_params = sum(p.numel() for p in traj.model().parameters() if p.requires_grad)
+    monkeypatch.setattr(certify, "JACOBIAN_BYTES", 2 * one.values.shape[1] * n_params * 8)  # two rows per call
+    batched = explain(traj, test, **kw)
+    assert one.meta["kinks"] > 0 and max(calls) == 2 and len(calls) > 6 * len(test["label"]) // 2
+    assert_close_scaled(batched.values, one.values, 1e-12)
+    assert batched.completeness.ok and one.completeness.ok
+
+
 def test_adaptive_nodes_keep_every_step_certified(tmp_path):
     """Step control may start steps with one node; every step still meets the tolerance."""
     train, test = modular_data()

@@ -73,6 +73,34 @@ def test_replay_is_bitwise_exact(tmp_path, name):
     assert opt_state and all(torch.equal(opt_state[k][n], steps[1].state_after[k][n]) for k in opt_state for n in opt_state[k])
 
 
+def test_segment_records_share_tensors_and_may_skip_grads(tmp_path):
+    """Consecutive records share w and the optimizer state (held once per step); ``grads=False``
+    leaves ``grad`` empty and changes nothing else."""
+    model = tiny_model()
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    rec = TrajectoryRecorder(model, opt, tmp_path / "run", modular_addition(7), last_token_cross_entropy, checkpoint_every=4)
+    for ids in batch_schedule(rec.num_train, 6, 16, shuffle=True, seed=2):
+        rec.step(ids)
+    rec.close()
+    traj = Trajectory.load(tmp_path / "run")
+    full = [r for seg in traj.segments() for r in seg]
+    lean = [r for seg in traj.segments(grads=False) for r in seg]
+    assert [r.step for r in full] == [r.step for r in lean] == list(range(6))
+    for seg in traj.segments():
+        for prev, nxt in zip(seg, seg[1:]):
+            assert all(nxt.params[n] is prev.next_params[n] for n in nxt.params)
+            assert all(nxt.state_before[k][n] is prev.state_after[k][n] for k in nxt.state_before for n in nxt.state_before[k])
+    for a, b in zip(full, lean):
+        assert a.grad and b.grad == {}
+        assert all(torch.equal(a.params[n], b.params[n]) and torch.equal(a.next_params[n], b.next_params[n]) for n in a.params)
+        assert a.state_after.keys() == b.state_after.keys()
+        assert all(torch.equal(a.state_after[k][n], b.state_after[k][n]) for k in a.state_after for n in a.state_after[k])
+    # the shared tensors are copies: the live model and later replays do not change them
+    w3 = {n: t.clone() for n, t in full[3].params.items()}
+    list(traj.segments())
+    assert all(torch.equal(full[3].params[n], w3[n]) for n in w3)
+
+
 def test_train_full_batch_and_model(tmp_path):
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1.0)
