@@ -10,6 +10,7 @@ its activation pattern forced, at the same shared Gauss–Legendre nodes (:func:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,63 @@ def gauss_legendre(n: int) -> tuple[Float[Tensor, "node"], Float[Tensor, "node"]
     return torch.tensor(t, dtype=torch.float64), torch.tensor(w, dtype=torch.float64)
 
 
+def kink_brackets(z: Float[Tensor, "query sample unit"]) -> tuple[Int[Tensor, "kink"], Int[Tensor, "kink"], Int[Tensor, "kink"]]:
+    """``(query_index, sample_index, unit_index)`` of every sign change of ``z`` between samples
+    ``k`` and ``k + 1``, in the order :func:`kink_points` returns its kinks."""
+    flip = (z[:, :-1, :] * z[:, 1:, :]) < 0  # [Q, m-1, U]
+    return torch.nonzero(flip, as_tuple=True)
+
+
+def polish_roots(
+    f: Callable[[Float[Tensor, "kink"]], Float[Tensor, "kink"]],
+    lo: Float[Tensor, "kink"],
+    hi: Float[Tensor, "kink"],
+    f_lo: Float[Tensor, "kink"],
+    f_hi: Float[Tensor, "kink"],
+    guess: Float[Tensor, "kink"],
+    iterations: int = 40,
+) -> Float[Tensor, "kink"]:
+    """Roots of ``f`` (one scalar function per entry, evaluated all at once) inside brackets
+    ``[lo, hi]`` with ``f_lo * f_hi < 0``, by the Illinois variant of regula falsi from ``guess``.
+
+    Each iteration evaluates ``f`` once at one point per entry and keeps a bracket around a sign
+    change, so it converges for any continuous ``f``, superlinearly where ``f`` is smooth near
+    the root, and tolerates kinks of ``f`` inside the bracket (a deeper ReLU's pre-activation
+    is kinked wherever an earlier layer's units switch). Stops when every bracket is down to
+    float64 resolution or a zero is hit.
+
+    Returns:
+        ``[K]`` float64 roots: an exact zero where one was hit, else the end of the final
+        bracket with the smaller ``|f|``.
+    """
+    lo, hi = lo.to(torch.float64).clone(), hi.to(torch.float64).clone()
+    f_lo, f_hi = f_lo.to(torch.float64).clone(), f_hi.to(torch.float64).clone()
+    g_lo, g_hi = f_lo.clone(), f_hi.clone()  # Illinois-scaled end values
+    x = guess.to(torch.float64).clamp(min=lo, max=hi)
+    last = torch.zeros_like(lo, dtype=torch.int8)  # which end moved last: -1 lo, +1 hi
+    found = torch.zeros_like(lo, dtype=torch.bool)
+    for _ in range(iterations):
+        fx = f(x).to(torch.float64)
+        zero = fx == 0
+        left = ((f_lo * fx) < 0) & ~zero  # the sign change is in [lo, x]: x becomes hi
+        right = ~left & ~zero
+        # Illinois: an end that stays twice in a row has its value halved
+        g_lo = torch.where(left & (last == 1), 0.5 * g_lo, g_lo)
+        g_hi = torch.where(right & (last == -1), 0.5 * g_hi, g_hi)
+        hi, f_hi, g_hi = torch.where(left, x, hi), torch.where(left, fx, f_hi), torch.where(left, fx, g_hi)
+        lo, f_lo, g_lo = torch.where(right, x, lo), torch.where(right, fx, f_lo), torch.where(right, fx, g_lo)
+        last = torch.where(left, 1, torch.where(right, -1, last)).to(torch.int8)
+        found = found | zero
+        hi = torch.where(zero, x, hi)
+        lo = torch.where(zero, x, lo)
+        width = hi - lo
+        if bool(((width <= 4 * torch.finfo(torch.float64).eps * hi.abs().clamp_min(1.0)) | found).all()):
+            break
+        x = (hi - g_hi * width / (g_hi - g_lo)).clamp(min=lo, max=hi)
+        x = torch.where(found, lo, x)
+    return torch.where(found, lo, torch.where(f_lo.abs() <= f_hi.abs(), lo, hi))
+
+
 def kink_points(
     t: Float[Tensor, "sample"], z: Float[Tensor, "query sample unit"], iterations: int = 24, polish: int = 3
 ) -> tuple[Int[Tensor, "kink"], Int[Tensor, "kink"], Float[Tensor, "kink"], Bool[Tensor, "kink"]]:
@@ -63,8 +121,7 @@ def kink_points(
         ``turns_on`` is True where the unit switches from off to on.
     """
     z = z.to(torch.float64)
-    flip = (z[:, :-1, :] * z[:, 1:, :]) < 0  # [Q, m-1, U]
-    q_idx, k_idx, u_idx = torch.nonzero(flip, as_tuple=True)
+    q_idx, k_idx, u_idx = kink_brackets(z)
     if len(q_idx) == 0:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)

@@ -25,8 +25,16 @@ from explaind_tl.contraction import dot_and_magnitude
 from explaind_tl.engine.options import ExplainOptions
 from explaind_tl.engine.plan import take
 from explaind_tl.engine.setup import Setup
+from explaind_tl.model import is_hooked_transformer
 from explaind_tl.model.functional import KINK_MASK, KINK_ON, Params
-from explaind_tl.quadrature import gauss_legendre, kink_pieces, kink_points, residual_tolerance
+from explaind_tl.quadrature import (
+    gauss_legendre,
+    kink_brackets,
+    kink_pieces,
+    kink_points,
+    polish_roots,
+    residual_tolerance,
+)
 
 # adaptive refinement also stops once doubling the nodes changes every failing row's attributed
 # total by less than this fraction of its residual (the quadrature has converged; the rest is
@@ -146,10 +154,74 @@ class Certifier:
         z = torch.stack([a[cand], *inner, b[cand]], dim=1)  # [q, m, U']
         t = torch.cat([torch.zeros(1, dtype=torch.float64), t_nodes, torch.ones(1, dtype=torch.float64)])
         q, u, ts, on = kink_points(t, z)
+        u_sampled = u
         if self.ctx.unit_filter is not None:
             u = self.ctx.unit_index[u]
+        if len(q) and self.ctx.qf.path_preacts is not None:
+            ts = self._deep_kinks(w, delta, idx[cand], t, z, q, u_sampled, u, ts)
         self.kinks_seen[s] = self.kinks_seen.get(s, 0) + len(q)
         return idx[cand][q], u, ts, on
+
+    def _force_deep_units(self, mask: Tensor, val: Tensor, first_row: int, queries: Tensor, z0: Tensor) -> None:
+        """Force every relevant unit after the first MLP layer in the rows of kinked queries to
+        its state at ``t = 0`` (the pieces' own switching units are forced over it afterwards).
+
+        A piece's integrand is evaluated at the shared nodes over all of ``[0, 1]`` with the
+        piece's pattern forced on the switching units (:func:`kink_pieces`). With one MLP layer
+        nothing else can switch there. With more, forcing an earlier unit outside its own piece
+        moves the later layers' pre-activations, so a later unit that never switches on the
+        true path may switch on the forced one and put a kink into that integrand: so every
+        later unit is forced to the state it keeps along the true path (pieces of a kinked query
+        only; ``z0``: ``[Q, U']`` relevant pre-activations at ``t = 0``).
+        """
+        if not self._multilayer_relu() or "tokens" not in self.ctx.batch:
+            return
+        per_layer = int(self.ctx.batch["tokens"].shape[1]) * self.ctx.qf.model.cfg.d_mlp
+        full = self.ctx.unit_index.cpu() if self.ctx.unit_index is not None else torch.arange(z0.shape[1])
+        deep_f = torch.nonzero(full // per_layer >= 1).reshape(-1)
+        if len(deep_f) == 0:
+            return
+        rows = first_row + torch.arange(len(queries))
+        cols = full[deep_f]
+        mask[rows[:, None], cols[None, :]] = True
+        val[rows[:, None], cols[None, :]] = z0[queries.cpu()][:, deep_f] > 0
+
+    def _multilayer_relu(self) -> bool:
+        """Whether the model is a HookedTransformer with ReLU MLPs in more than one layer (its
+        units are laid out ``[layer, pos, d_mlp]``)."""
+        return is_hooked_transformer(self.ctx.qf.model) and len(self.ctx.qf.hook_names) > 1
+
+    def _deep_kinks(self, w: Params, delta: Params, queries: Tensor, t: Tensor, z: Tensor, q: Tensor, u_sampled: Tensor,
+                    u: Tensor, ts: Tensor) -> Tensor:
+        """Kink locations of units after the first MLP layer, on the true function.
+
+        A first-layer pre-activation is smooth along the segment, so the interpolant of its
+        samples locates its root to the quadrature's accuracy (:func:`kink_points`). A later
+        layer's pre-activation is itself kinked wherever an earlier unit switches, and its
+        interpolant converges slowly: those roots are found by :func:`polish_roots` on the
+        pre-activation itself (one read-out forward per iteration over those kinks), inside the
+        sample bracket where the sign changed, starting from the interpolant's root.
+        """
+        n_pos = int(self.ctx.batch["tokens"].shape[1])
+        per_layer = n_pos * self.ctx.qf.model.cfg.d_mlp
+        deep = torch.nonzero(u // per_layer >= 1).reshape(-1)
+        if len(deep) == 0:
+            return ts
+        q_b, k_b, u_b = kink_brackets(z)
+        assert torch.equal(q_b, q) and torch.equal(u_b, u_sampled)  # the same kinks, in the same order
+        qd, kd, ud, uf = q[deep], k_b[deep], u_sampled[deep], u[deep]
+        tokens = self.ctx.batch["tokens"][queries[qd].to(self.ctx.device)]
+        rows = torch.arange(len(deep))
+        dev = self.ctx.device
+
+        def f(x: Tensor) -> Tensor:
+            zx = self.ctx.qf.preacts_along(w, delta, tokens, x.to(dev))
+            return zx[rows.to(dev), uf.to(dev)].to(torch.float64).cpu()
+
+        roots = polish_roots(f, t[kd], t[kd + 1], z[qd, kd, ud], z[qd, kd + 1, ud], ts[deep])
+        out = ts.clone()
+        out[deep] = roots
+        return out
 
     def _phi_chunk(
         self,
@@ -188,6 +260,7 @@ class Certifier:
                 weights = torch.cat([w_nodes[None, :].expand(len(smooth), n), kp.weights])
                 mask = torch.zeros(len(rows_q), self.n_units, dtype=torch.bool)
                 val = torch.zeros(len(rows_q), self.n_units, dtype=torch.bool)
+                self._force_deep_units(mask, val, len(smooth), kp.query, ends[0])
                 mask[len(smooth) + kp.force_row, kp.force_unit] = True
                 val[len(smooth) + kp.force_row, kp.force_unit] = kp.force_on
                 force = (mask.to(self.ctx.device), val.to(self.ctx.device))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
@@ -124,6 +124,12 @@ class QueryFunction:
         self.model = self._copy(model, dtype)
         self.cert_model = self.model if cert_dtype == dtype else self._copy(model, cert_dtype)
         self.hook_names = self._relu_hook_names(self.model)
+        # ReLU pre-activations at every position along a path, one point per row: where the
+        # kinks of ReLUs after the first MLP layer are located on the true function
+        # (:meth:`preacts_along`); a HookedTransformer the read-out forward supports only
+        self.path_preacts = None
+        if self.hook_names and len(self.hook_names) > 1 and unsupported_reason(self.model) is None:
+            self.path_preacts = Readout(self.model, list(range(self.model.cfg.n_ctx)))
         # the read-out forward, where the model and metric allow it: working dtype for gradients
         # and node pre-activations, cert_dtype for the certificate (checked by check_readout)
         self.readout = self.cert_readout = None
@@ -302,6 +308,22 @@ class QueryFunction:
         finally:
             for h in handles:
                 h.remove()
+
+    def preacts_along(
+        self, params: Params, delta: Params, tokens: Int[Tensor, "row pos"], t: Float[Tensor, "row"]
+    ) -> Float[Tensor, "row unit"]:
+        """Every ReLU pre-activation of row ``i`` at ``params + t[i] * delta`` (working dtype, no
+        gradient), in the flattened unit layout of :meth:`values_and_preacts`.
+
+        Raises:
+            ValueError: without the read-out forward for this model (``path_preacts`` is None).
+        """
+        if self.path_preacts is None:
+            raise ValueError("pre-activations along a path need the read-out forward (a supported HookedTransformer)")
+        with torch.no_grad():
+            d = {k: v.to(self.dtype) for k, v in delta.items()}
+            _, z = self.path_preacts.logits(params, tokens, preacts=True, path=(d, t.to(self.dtype)))
+        return z
 
     def relevant_units(self, n_pos: int, position: int | list[int] | None) -> Tensor | None:
         """Which flattened ReLU units can influence a metric read at ``position`` (or at any of

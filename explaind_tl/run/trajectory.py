@@ -62,9 +62,7 @@ class StepRecord:
 
     Attributes:
         step: ``s``.
-        params: ``w_s`` (copies of the live parameters, dtype as trained, usually float32;
-            within one replay the same tensors as the previous record's ``next_params``:
-            read-only).
+        params: ``w_s`` (copies, dtype as trained; shared with the previous record: read-only).
         next_params: ``w_{s+1}``.
         grad: ``g_s``: clipped mean-loss gradient the optimizer saw (before coupled L2);
             ``{}`` from ``Trajectory.segments(..., grads=False)``.
@@ -372,15 +370,13 @@ class Trajectory:
 
     # ------------------------------------------------------------ replay
 
-    def _replay(self, start_ck: int, stop: int, capture: bool, final_only: bool = False,
-                grads: bool = True) -> Iterator[StepRecord | tuple[int, Params, State]]:
+    def _replay(self, start_ck: int, stop: int, capture: bool, final_only: bool = False, grads: bool = True
+                ) -> Iterator[StepRecord | tuple[int, Params, State]]:
         """Replay from checkpoint ``start_ck`` up to step ``stop`` (exclusive).
 
-        Yields a :class:`StepRecord` per step (``capture``), else ``(s + 1, w_{s+1}, state)``
-        per step, or only after the last step with ``final_only``. Consecutive records share
-        tensors: a record's ``params`` and ``state_before`` are the previous record's
-        ``next_params`` and ``state_after`` (the same values), so a segment of ``K`` records
-        holds ``w``, the state and (with ``grads``) ``g`` once per step, not twice.
+        Yields a :class:`StepRecord` per step (``capture``; consecutive records share tensors,
+        see :meth:`segments`), else ``(s + 1, w_{s+1}, state)`` per step, or only after the
+        last step with ``final_only``.
         """
         model, opt, params = self._work_model()
         ck = self.checkpoint(start_ck)
@@ -410,25 +406,12 @@ class Trajectory:
                 if spec.kind == "sgd":
                     step_count = s + 1
                 yield StepRecord(
-                    step=s,
-                    params=w_s,
-                    next_params=w_next,
-                    grad=dict(zip(self.param_names, out.grads)) if grads else {},
-                    state_before=state_before,
-                    state_after=state_after,
-                    step_count=step_count,
-                    lr=self._lr[s],
-                    clip_factor=out.clip_factor,
-                    loss=out.loss,
-                    batch_ids=ids,
-                    spec=spec_for_step(spec, hp),
+                    step=s, params=w_s, next_params=w_next, grad=dict(zip(self.param_names, out.grads)) if grads else {},
+                    state_before=state_before, state_after=state_after, step_count=step_count, lr=self._lr[s],
+                    clip_factor=out.clip_factor, loss=out.loss, batch_ids=ids, spec=spec_for_step(spec, hp),
                 )
             elif not final_only or s + 1 == stop:
-                yield (
-                    s + 1,
-                    {n: p.detach().clone() for n, p in zip(self.param_names, params)},
-                    state_dict_by_key(opt, self.param_names),
-                )
+                yield s + 1, {n: p.detach().clone() for n, p in zip(self.param_names, params)}, state_dict_by_key(opt, self.param_names)
 
     def _segment(self, start_ck: int) -> tuple[list[Params], list[State]]:
         """Params/state at every step of the segment starting at checkpoint ``start_ck`` (cached)."""
@@ -526,16 +509,14 @@ class Trajectory:
         finally:
             bar.close()
 
-    def segments(self, start: int = 0, stop: int | None = None, *, reverse: bool = False,
-                 grads: bool = True) -> Iterator[list[StepRecord]]:
+    def segments(self, start: int = 0, stop: int | None = None, *, reverse: bool = False, grads: bool = True
+                 ) -> Iterator[list[StepRecord]]:
         """Checkpoint segments ∩ ``[start, stop)``, each as a forward-ordered list of records.
 
         With ``reverse=True`` segments come from the last one backwards (for adjoint sweeps);
-        records inside each list stay in forward order. Records of a segment share tensors
-        (a record's ``params``/``state_before`` are the previous one's
-        ``next_params``/``state_after``): treat them as read-only. ``grads=False`` leaves
-        ``StepRecord.grad`` empty (``{}``), for sweeps that never read it (one parameter
-        vector less per step held in memory).
+        records inside each list stay in forward order. A record's ``params``/``state_before``
+        are the previous one's ``next_params``/``state_after`` (shared: read-only), so a step's
+        ``w`` and state are held once; ``grads=False`` leaves ``StepRecord.grad`` empty.
         """
         ranges = self._ranges(start, stop)
         if reverse:

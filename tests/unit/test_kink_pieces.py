@@ -47,3 +47,35 @@ def test_three_switches_of_one_unit_and_a_second_query():
     expected = {(0, 3): False, (1, 3): True}
     expected.update({(2 + p, 7): s for p, s in enumerate([False, True, False, True])})
     assert _forced(kp) == expected
+
+
+def test_polish_roots_on_smooth_kinked_and_exact_zero_functions():
+    """Illinois regula falsi inside sign-change brackets: roots of a smooth function, of one
+    kinked inside its bracket (as a deeper ReLU's pre-activation is), and an exact zero."""
+    from explaind_tl.quadrature import polish_roots
+
+    def f(x):
+        smooth = torch.cos(3 * x[0:1]) - x[0:1]  # root 0.39004...
+        kinked = 4 * torch.clamp(x[1:2] - 0.3, min=0) + 0.2 * x[1:2] - 0.1  # kink at 0.3, root 1.3 / 4.2 right of it
+        exact = x[2:3] - 0.5  # hit exactly by the first regula falsi step from the midpoint guess
+        return torch.cat([smooth, kinked, exact])
+
+    lo = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)
+    hi = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    f_lo, f_hi = f(lo), f(hi)
+    assert bool((f_lo * f_hi < 0).all())
+    roots = polish_roots(f, lo, hi, f_lo, f_hi, guess=torch.tensor([0.9, 0.05, 0.5], dtype=torch.float64))
+    # independent oracles: Newton's method, and the closed form
+    import math
+
+    r0 = 0.5
+    for _ in range(200):
+        r0 = r0 - (math.cos(3 * r0) - r0) / (-3 * math.sin(3 * r0) - 1)  # Newton to convergence
+    r1 = (0.1 + 4 * 0.3) / 4.2  # 4(x - 0.3) + 0.2x = 0.1 on the right of the kink
+    assert abs(float(roots[0]) - r0) <= 1e-14
+    assert abs(float(roots[1]) - r1) <= 1e-14
+    assert float(roots[2]) == 0.5
+    # a wrong bracket end (no sign change) cannot be made into a root: the result stays inside
+    # the bracket it was given
+    r = polish_roots(lambda x: x - 2.0, lo[:1], hi[:1], lo[:1] - 2.0, hi[:1] - 2.0, guess=hi[:1] / 2)
+    assert 0.0 <= float(r) <= 1.0
