@@ -74,6 +74,7 @@ def explain(
     device: str | torch.device | None = None,
     query_chunk: int | None = UNSET,
     train_chunk: int = UNSET,
+    jacobian_mb: float = UNSET,
     progress: bool = True,
     resume_dir: str | Path | None = None,
     fast_forward: bool = UNSET,
@@ -147,6 +148,9 @@ def explain(
             per-query gradients, which a chunk holds at once, as many as fit ~256 MB);
             train_chunk: training examples per
             chunk of per-example gradients.
+        jacobian_mb: the most megabytes of per-query Jacobians (``[rows, outputs, P]``) one call
+            holds (default 64); a chunk with more rows (queries and the pieces of kinked
+            queries) takes several calls. Lower saves peak memory at some per-call cost.
         progress: show tqdm progress bars.
         resume_dir: persist partial sums after every checkpoint segment and continue from them
             (with several processes, one subdirectory ``shard-R-of-N`` per shard)
@@ -176,7 +180,7 @@ def explain(
             ``.attribution``) instead of warning when the certificate fails.
         options: the numerical options (``tol``, ``nodes``, ``max_nodes``, ``kink_aware``,
             ``adaptive_nodes``, ``dtype``, ``fast_forward``, ``train_grads``, ``query_grads``,
-            ``query_chunk``, ``train_chunk``) as one
+            ``query_chunk``, ``train_chunk``, ``jacobian_mb``) as one
             :class:`~explaind_tl.engine.options.ExplainOptions`; any of those keywords given as
             well replaces its field. Defaults: ``ExplainOptions()``, i.e. the values listed here.
         world_size: split the work over this many processes (``torch.distributed``, gloo): with
@@ -224,7 +228,7 @@ def explain(
     opts = ExplainOptions.merge(
         options, tol=tol, nodes=nodes, max_nodes=max_nodes, kink_aware=kink_aware, adaptive_nodes=adaptive_nodes,
         dtype=dtype, fast_forward=fast_forward, train_grads=train_grads, query_grads=query_grads,
-        query_chunk=query_chunk, train_chunk=train_chunk,
+        query_chunk=query_chunk, train_chunk=train_chunk, jacobian_mb=jacobian_mb,
     )
     check_flag("trust_remote_code", trust_remote_code)
     world_size, threads = distributed.check_arguments(world_size, split, gather, threads_per_worker)

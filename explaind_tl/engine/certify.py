@@ -51,11 +51,6 @@ COMFORTABLE = 0.1
 # the node choices of one sweep over the whole window.
 RESTART_EVERY = 16
 
-# Per-query rows: the per-query Jacobians of one call hold at most this many bytes ([rows,
-# outputs, P] in the working dtype); a chunk with more rows (queries and the extra pieces of
-# kinked queries) is taken in several calls, each written straight into φ̂
-JACOBIAN_BYTES = 64 << 20
-
 
 class Certifier:
     """``φ̂_s`` of each step, refined against its certificate, and the certificate's records.
@@ -288,10 +283,10 @@ class Certifier:
         o = plan.rows_per_query
         if tangents is None and plan.resolve_query:
             # one Jacobian of the node-weighted metric per row: the node sum happens in the backward;
-            # rows in batches of at most JACOBIAN_BYTES of [rows, outputs, P] gradients
+            # rows in calls of at most options.jacobian_mb of [rows, outputs, P] gradients
             grid = phi.view(len(idx), o, phi.shape[1])
             per_row = o * self.ctx.layout.numel * torch.finfo(self.ctx.dtype).bits // 8
-            step_rows = max(1, JACOBIAN_BYTES // per_row)
+            step_rows = max(1, int(self.ctx.options.jacobian_mb * 2**20) // per_row)
             wts = weights.to(self.ctx.device)
             pos_list = pos.tolist()
             for r0 in range(0, len(rows_q), step_rows):

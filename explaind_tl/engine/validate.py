@@ -34,13 +34,18 @@ def check_int(name: str, x: Any, minimum: int | None = None) -> int:
     return v
 
 
+def check_positive(name: str, x: Any, why: str = "") -> float:
+    """``x`` as a finite ``float > 0`` (any real number type but bool)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__} ({x!r})")
+    x = float(x)
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {x!r}{why}")
+    return x
+
+
 def check_tol(tol: Any) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"tol must be a float, got {type(tol).__name__} ({tol!r})")
-    tol = float(tol)
-    if not math.isfinite(tol) or tol <= 0:
-        raise ValueError(f"tol must be finite and > 0, got {tol!r} (it bounds every step's relative residual)")
-    return tol
+    return check_positive("tol", tol, " (it bounds every step's relative residual)")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

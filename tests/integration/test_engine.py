@@ -408,7 +408,7 @@ def test_per_query_jvp_equals_per_query_gradients(tmp_path, act_fn):
 def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch):
     """A chunk's per-query Jacobians taken a few rows per call (kinked queries' pieces landing in
     other calls than their leading rows) give the entries of one call per chunk."""
-    import explaind_tl.engine.certify as certify
+    from explaind_tl import ExplainOptions
     from explaind_tl.model.functional import QueryFunction
 
     train, test = modular_data()
@@ -425,8 +425,8 @@ def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(QueryFunction, "per_query_quadrature", spy)
     n_params = sum(p.numel() for p in traj.model().parameters() if p.requires_grad)
-    monkeypatch.setattr(certify, "JACOBIAN_BYTES", 2 * one.values.shape[1] * n_params * 8)  # two rows per call
-    batched = explain(traj, test, **kw)
+    mb = 2.5 * one.values.shape[1] * n_params * 8 / 2**20  # two rows per call
+    batched = explain(traj, test, options=ExplainOptions(jacobian_mb=mb), **kw)
     assert one.meta["kinks"] > 0 and max(calls) == 2 and len(calls) > 6 * len(test["label"]) // 2
     assert_close_scaled(batched.values, one.values, 1e-12)
     assert batched.completeness.ok and one.completeness.ok

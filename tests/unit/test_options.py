@@ -18,7 +18,7 @@ def test_defaults_are_explains_documented_defaults():
     o = ExplainOptions()
     assert (o.tol, o.nodes, o.max_nodes, o.kink_aware, o.adaptive_nodes) == (1e-6, 2, 16, "auto", True)
     assert (o.dtype, o.fast_forward, o.train_grads, o.query_grads) == (None, True, "auto", "auto")
-    assert (o.query_chunk, o.train_chunk) == (None, 256)
+    assert (o.query_chunk, o.train_chunk, o.jacobian_mb) == (None, 256, 64.0)
     # every option is also a keyword of explain (defaulting to "take it from options")
     params = inspect.signature(explain).parameters
     for f in dataclasses.fields(ExplainOptions):
@@ -44,6 +44,9 @@ def test_defaults_are_explains_documented_defaults():
         (dict(query_grads="fast"), ValueError, "query_grads"),
         (dict(query_chunk=0), ValueError, "query_chunk"),
         (dict(train_chunk=1.5), TypeError, "train_chunk"),
+        (dict(jacobian_mb=0), ValueError, "jacobian_mb"),
+        (dict(jacobian_mb=math.inf), ValueError, "jacobian_mb"),
+        (dict(jacobian_mb="64"), TypeError, "jacobian_mb"),
     ],
 )
 def test_checked_when_made(kwargs, error, match):
