@@ -49,22 +49,25 @@ def kink_brackets(z: Float[Tensor, "query sample unit"]) -> tuple[Int[Tensor, "k
 
 
 def polish_roots(
-    f: Callable[[Float[Tensor, "kink"]], Float[Tensor, "kink"]],
+    f: Callable[[Float[Tensor, "active"], Int[Tensor, "active"]], Float[Tensor, "active"]],
     lo: Float[Tensor, "kink"],
     hi: Float[Tensor, "kink"],
     f_lo: Float[Tensor, "kink"],
     f_hi: Float[Tensor, "kink"],
     guess: Float[Tensor, "kink"],
+    xtol: float = 4 * float(np.finfo(np.float64).eps),
     iterations: int = 40,
 ) -> Float[Tensor, "kink"]:
-    """Roots of ``f`` (one scalar function per entry, evaluated all at once) inside brackets
-    ``[lo, hi]`` with ``f_lo * f_hi < 0``, by the Illinois variant of regula falsi from ``guess``.
+    """Roots of ``K`` scalar functions inside brackets ``[lo, hi]`` with ``f_lo * f_hi < 0``, by
+    the Illinois variant of regula falsi from ``guess``.
 
-    Each iteration evaluates ``f`` once at one point per entry and keeps a bracket around a sign
-    change, so it converges for any continuous ``f``, superlinearly where ``f`` is smooth near
-    the root, and tolerates kinks of ``f`` inside the bracket (a deeper ReLU's pre-activation
-    is kinked wherever an earlier layer's units switch). Stops when every bracket is down to
-    float64 resolution or a zero is hit.
+    ``f(x, rows)`` evaluates the functions ``rows`` at the points ``x`` (one each, all at once).
+    Each iteration evaluates the entries not yet converged once and keeps a bracket around a
+    sign change, so it converges for any continuous function, superlinearly where it is smooth
+    near the root, and tolerates kinks inside the bracket (a deeper ReLU's pre-activation is
+    kinked wherever an earlier layer's units switch). An entry stops when its bracket is
+    narrower than ``xtol * max(1, |hi|)`` (the resolution its function is evaluated at) or a
+    zero is hit.
 
     Returns:
         ``[K]`` float64 roots: an exact zero where one was hit, else the end of the final
@@ -74,27 +77,31 @@ def polish_roots(
     f_lo, f_hi = f_lo.to(torch.float64).clone(), f_hi.to(torch.float64).clone()
     g_lo, g_hi = f_lo.clone(), f_hi.clone()  # Illinois-scaled end values
     x = guess.to(torch.float64).clamp(min=lo, max=hi)
-    last = torch.zeros_like(lo, dtype=torch.int8)  # which end moved last: -1 lo, +1 hi
-    found = torch.zeros_like(lo, dtype=torch.bool)
+    last = torch.zeros(len(lo), dtype=torch.int8)  # which end moved last: -1 lo, +1 hi
+    found = torch.zeros(len(lo), dtype=torch.bool)
+    act = torch.arange(len(lo))
     for _ in range(iterations):
-        fx = f(x).to(torch.float64)
+        if len(act) == 0:
+            break
+        xa = x[act]
+        fx = f(xa, act).to(torch.float64)
         zero = fx == 0
-        left = ((f_lo * fx) < 0) & ~zero  # the sign change is in [lo, x]: x becomes hi
+        left = ((f_lo[act] * fx) < 0) & ~zero  # the sign change is in [lo, x]: x becomes hi
         right = ~left & ~zero
         # Illinois: an end that stays twice in a row has its value halved
-        g_lo = torch.where(left & (last == 1), 0.5 * g_lo, g_lo)
-        g_hi = torch.where(right & (last == -1), 0.5 * g_hi, g_hi)
-        hi, f_hi, g_hi = torch.where(left, x, hi), torch.where(left, fx, f_hi), torch.where(left, fx, g_hi)
-        lo, f_lo, g_lo = torch.where(right, x, lo), torch.where(right, fx, f_lo), torch.where(right, fx, g_lo)
-        last = torch.where(left, 1, torch.where(right, -1, last)).to(torch.int8)
-        found = found | zero
-        hi = torch.where(zero, x, hi)
-        lo = torch.where(zero, x, lo)
-        width = hi - lo
-        if bool(((width <= 4 * torch.finfo(torch.float64).eps * hi.abs().clamp_min(1.0)) | found).all()):
-            break
-        x = (hi - g_hi * width / (g_hi - g_lo)).clamp(min=lo, max=hi)
-        x = torch.where(found, lo, x)
+        la = last[act]
+        g_lo[act] = torch.where(left & (la == 1), 0.5 * g_lo[act], g_lo[act])
+        g_hi[act] = torch.where(right & (la == -1), 0.5 * g_hi[act], g_hi[act])
+        hi[act] = torch.where(left | zero, xa, hi[act])
+        lo[act] = torch.where(right | zero, xa, lo[act])
+        f_hi[act], g_hi[act] = torch.where(left, fx, f_hi[act]), torch.where(left, fx, g_hi[act])
+        f_lo[act], g_lo[act] = torch.where(right, fx, f_lo[act]), torch.where(right, fx, g_lo[act])
+        last[act] = torch.where(left, 1, torch.where(right, -1, la)).to(torch.int8)
+        found[act] = found[act] | zero
+        width = hi[act] - lo[act]
+        act = act[~((width <= xtol * hi[act].abs().clamp_min(1.0)) | found[act])]
+        w = hi[act] - lo[act]
+        x[act] = (hi[act] - g_hi[act] * w / (g_hi[act] - g_lo[act])).clamp(min=lo[act], max=hi[act])
     return torch.where(found, lo, torch.where(f_lo.abs() <= f_hi.abs(), lo, hi))
 
 

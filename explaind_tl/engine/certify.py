@@ -206,14 +206,15 @@ class Certifier:
         assert torch.equal(q_b, q) and torch.equal(u_b, u_sampled)  # the same kinks, in the same order
         qd, kd, ud, uf = q[deep], k_b[deep], u_sampled[deep], u[deep]
         tokens = self.ctx.batch["tokens"][queries[qd].to(self.ctx.device)]
-        rows = torch.arange(len(deep))
         dev = self.ctx.device
 
-        def f(x: Tensor) -> Tensor:
-            zx = self.ctx.qf.preacts_along(w, delta, tokens, x.to(dev))
-            return zx[rows.to(dev), uf.to(dev)].to(torch.float64).cpu()
+        def f(x: Tensor, rows: Tensor) -> Tensor:
+            zx = self.ctx.qf.preacts_along(w, delta, tokens[rows.to(dev)], x.to(dev))
+            return zx[torch.arange(len(rows), device=dev), uf[rows].to(dev)].to(torch.float64).cpu()
 
-        roots = polish_roots(f, t[kd], t[kd + 1], z[qd, kd, ud], z[qd, kd + 1, ud], ts[deep])
+        # the bracket need not shrink below what the working dtype resolves of the pre-activation
+        xtol = 4 * torch.finfo(self.ctx.dtype).eps
+        roots = polish_roots(f, t[kd], t[kd + 1], z[qd, kd, ud], z[qd, kd + 1, ud], ts[deep], xtol=xtol)
         out = ts.clone()
         out[deep] = roots
         return out

@@ -54,17 +54,24 @@ def test_polish_roots_on_smooth_kinked_and_exact_zero_functions():
     kinked inside its bracket (as a deeper ReLU's pre-activation is), and an exact zero."""
     from explaind_tl.quadrature import polish_roots
 
-    def f(x):
-        smooth = torch.cos(3 * x[0:1]) - x[0:1]  # root 0.39004...
-        kinked = 4 * torch.clamp(x[1:2] - 0.3, min=0) + 0.2 * x[1:2] - 0.1  # kink at 0.3, root 1.3 / 4.2 right of it
-        exact = x[2:3] - 0.5  # hit exactly by the first regula falsi step from the midpoint guess
-        return torch.cat([smooth, kinked, exact])
+    funcs = [
+        lambda x: torch.cos(3 * x) - x,  # smooth, root 0.39004...
+        lambda x: 4 * torch.clamp(x - 0.3, min=0) + 0.2 * x - 0.1,  # kink at 0.3, root 1.3 / 4.2 right of it
+        lambda x: x - 0.5,  # hit exactly at the guess
+    ]
+    calls = []
+
+    def f(x, rows):
+        calls.append(len(rows))
+        return torch.stack([funcs[int(r)](xi) for xi, r in zip(x, rows)])
 
     lo = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)
     hi = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-    f_lo, f_hi = f(lo), f(hi)
+    f_lo, f_hi = f(lo, torch.arange(3)), f(hi, torch.arange(3))
     assert bool((f_lo * f_hi < 0).all())
+    calls.clear()
     roots = polish_roots(f, lo, hi, f_lo, f_hi, guess=torch.tensor([0.9, 0.05, 0.5], dtype=torch.float64))
+    assert calls[0] == 3 and calls[1] == 2 and calls[-1] < 3  # converged entries are no longer evaluated
     # independent oracles: Newton's method, and the closed form
     import math
 
@@ -77,5 +84,8 @@ def test_polish_roots_on_smooth_kinked_and_exact_zero_functions():
     assert float(roots[2]) == 0.5
     # a wrong bracket end (no sign change) cannot be made into a root: the result stays inside
     # the bracket it was given
-    r = polish_roots(lambda x: x - 2.0, lo[:1], hi[:1], lo[:1] - 2.0, hi[:1] - 2.0, guess=hi[:1] / 2)
+    r = polish_roots(lambda x, rows: x - 2.0, lo[:1], hi[:1], lo[:1] - 2.0, hi[:1] - 2.0, guess=hi[:1] / 2)
     assert 0.0 <= float(r) <= 1.0
+    # a coarser resolution stops earlier, at a root that good
+    coarse = polish_roots(f, lo, hi, f_lo, f_hi, guess=torch.tensor([0.9, 0.05, 0.5], dtype=torch.float64), xtol=1e-6)
+    assert abs(float(coarse[1]) - r1) <= 1e-6
