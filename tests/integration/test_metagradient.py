@@ -84,6 +84,28 @@ def test_against_finite_differences_of_retraining(runs, name):
     assert float(mg.values.abs().max()) > 1e-3
 
 
+def test_full_batch_weight_decay_run_against_finite_differences(tmp_path):
+    """Full-batch AdamW with weight decay 1.0 (the grokking regime, where removing examples is
+    far from linear): the metagradient is still the derivative of retraining."""
+    data = modular_addition(7)
+    train = {k: v[:30] for k, v in data.items()}
+    model = tiny_model(act_fn="gelu", dtype=torch.float64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1.0, betas=(0.9, 0.98))
+    with TrajectoryRecorder(model, opt, tmp_path / "full", train, last_token_cross_entropy, checkpoint_every=16) as rec:
+        for _ in range(40):
+            rec.step(None)
+    traj, q = Trajectory.load(tmp_path / "full"), queries()
+    mg = metagradient(traj, q, metric="correct_logprob", progress=False)
+    assert mg.meta["ok"]
+    h = 1e-7
+    for i in (0, 13, 29):
+        up, down = torch.ones(30, dtype=torch.float64), torch.ones(30, dtype=torch.float64)
+        up[i] += h
+        down[i] -= h
+        fd = (outputs(traj, retrain(traj, weights=up), q) - outputs(traj, retrain(traj, weights=down), q)) / (2 * h)
+        assert_close_scaled(mg.values[i], fd, 1e-6, scale=float(mg.values.abs().max()))
+
+
 def test_reduce_window_and_unseen_examples(runs):
     traj, q = runs["adamw_clip_steplr"], queries()
     full = metagradient(traj, q, progress=False)
