@@ -206,7 +206,10 @@ def explain(
         present), labelled ``coords`` and the ``completeness`` certificate. ``meta`` records the
         settings, the number of ReLU kinks cut and ``replay_mismatch``: the largest difference
         between a replayed segment's end and its stored checkpoint inside the window (0 for an
-        exactly replayable run; anything else shows up as residual at the checkpoint steps).
+        exactly replayable run; anything else shows up as residual at the checkpoint steps), and
+        ``float64_steps``: the steps with a query chunk that missed its bound in float32 and was
+        computed once more in float64 (float32 gradients of saturated log-probs lose digits the
+        certificate's rounding allowance does not cover).
 
     Raises:
         TypeError, ValueError, QueryError: a bad argument (before any work).

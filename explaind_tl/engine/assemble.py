@@ -114,6 +114,7 @@ def finish(
         "train_grads": facts["train_grads"],
         "readout_error": facts["readout_error"],
         "kinks": int(sum(cert["kinks_seen"].values())),
+        "float64_steps": sorted(int(s) for s in cert.get("float64_steps", {}) if a <= s < b),
         "replay_mismatch": max((d for c, d in facts["replay_mismatch"].items() if a < c <= b), default=0.0),
         "dtype": str(dtype).replace("torch.", ""),
         "device": facts["device"],

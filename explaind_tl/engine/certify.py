@@ -76,6 +76,8 @@ class Certifier:
         self.step_attributed: dict[int, Tensor] = {}
         # per step, the bound its residual was compared against ([rows], summed over chunks)
         self.step_bound: dict[int, Tensor] = {}
+        # steps with a chunk recomputed in float64 after missing the certificate in float32
+        self.float64_steps: dict[int, bool] = {}
 
     def endpoint(self, params: Params, step: int | None = None, measured: tuple | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
         """Metric values ``[Q, O]`` (float64), ReLU pre-activations and each query's largest logit
@@ -127,13 +129,16 @@ class Certifier:
         return vals, (torch.cat(pre) if pre else None), torch.cat(scale).to(vals.device, torch.float64)
 
     # ------------------------------------------------------------- quadrature
-    def _kinks(self, s: int, w: Params, delta: Params, idx: Tensor, t_nodes: Tensor, z0: Tensor, z1: Tensor, scan_all: bool):
+    def _kinks(self, s: int, w: Params, delta: Params, idx: Tensor, t_nodes: Tensor, z0: Tensor, z1: Tensor, scan_all: bool,
+               qf=None):
         """Sign changes of the chunk's relevant ReLU pre-activations, sampled at 0, the nodes and 1.
 
         Only queries with a sign change between the segment's ends are sampled at the nodes,
         unless ``scan_all`` (used when the certificate asks for refinement, to catch units that
-        switch twice inside the segment).
+        switch twice inside the segment). ``qf``: the query function to sample with (default:
+        the working dtype's).
         """
+        qf = qf or self.ctx.qf
         idx = idx.cpu()
         a, b = (z0, z1) if len(idx) == len(z0) else (z0[idx], z1[idx])  # relevant units only (endpoint)
         cand = torch.arange(len(idx)) if scan_all else torch.nonzero(((a * b) < 0).any(1)).reshape(-1)
@@ -144,7 +149,7 @@ class Certifier:
         inner = []
         for tj in t_nodes.tolist():
             p = {k: w[k] + tj * delta[k] for k in self.ctx.names}
-            zj = self.ctx.qf.values_and_preacts(p, sub, cert=False)[1].to(torch.float64).cpu()
+            zj = qf.values_and_preacts(p, sub, cert=False)[1].to(torch.float64).cpu()
             inner.append(zj[:, self.ctx.unit_filter] if self.ctx.unit_filter is not None else zj)
         z = torch.stack([a[cand], *inner, b[cand]], dim=1)  # [q, m, U']
         t = torch.cat([torch.zeros(1, dtype=torch.float64), t_nodes, torch.ones(1, dtype=torch.float64)])
@@ -152,8 +157,8 @@ class Certifier:
         u_sampled = u
         if self.ctx.unit_filter is not None:
             u = self.ctx.unit_index[u]
-        if len(q) and self.ctx.qf.path_preacts is not None:
-            ts = self._deep_kinks(w, delta, idx[cand], t, z, q, u_sampled, u, ts)
+        if len(q) and qf.path_preacts is not None:
+            ts = self._deep_kinks(w, delta, idx[cand], t, z, q, u_sampled, u, ts, qf)
         self.kinks_seen[s] = self.kinks_seen.get(s, 0) + len(q)
         return idx[cand][q], u, ts, on
 
@@ -187,7 +192,7 @@ class Certifier:
         return is_hooked_transformer(self.ctx.qf.model) and len(self.ctx.qf.hook_names) > 1
 
     def _deep_kinks(self, w: Params, delta: Params, queries: Tensor, t: Tensor, z: Tensor, q: Tensor, u_sampled: Tensor,
-                    u: Tensor, ts: Tensor) -> Tensor:
+                    u: Tensor, ts: Tensor, qf) -> Tensor:
         """Kink locations of units after the first MLP layer, on the true function.
 
         A first-layer pre-activation is smooth along the segment, so the interpolant of its
@@ -209,11 +214,11 @@ class Certifier:
         dev = self.ctx.device
 
         def f(x: Tensor, rows: Tensor) -> Tensor:
-            zx = self.ctx.qf.preacts_along(w, delta, tokens[rows.to(dev)], x.to(dev))
+            zx = qf.preacts_along(w, delta, tokens[rows.to(dev)], x.to(dev))
             return zx[torch.arange(len(rows), device=dev), uf[rows].to(dev)].to(torch.float64).cpu()
 
         # the bracket need not shrink below what the working dtype resolves of the pre-activation
-        xtol = 4 * torch.finfo(self.ctx.dtype).eps
+        xtol = 4 * torch.finfo(qf.dtype).eps
         roots = polish_roots(f, t[kd], t[kd + 1], z[qd, kd, ud], z[qd, kd + 1, ud], ts[deep], xtol=xtol)
         out = ts.clone()
         out[deep] = roots
@@ -229,8 +234,11 @@ class Certifier:
         ends: tuple[Tensor, Tensor] | None,
         tangents: Params | None = None,
         out: Tensor | None = None,
+        qf=None,
     ) -> Float[Tensor, "row param_or_tangent"]:
-        """``φ̂`` for the rows of one query chunk with ``n`` shared Gauss–Legendre nodes.
+        """``φ̂`` for the rows of one query chunk with ``n`` shared Gauss–Legendre nodes
+        (``qf``: the query function, default the working dtype's; ``w``, ``delta`` and
+        ``tangents`` in its dtype).
 
         Queries whose ReLUs switch inside the segment are expanded into one row per smooth piece,
         with the activation pattern forced and the piece's weights (:func:`kink_pieces`). With
@@ -243,11 +251,12 @@ class Certifier:
         allowance ``16 eps Σ|φ̂ Δ|`` covers).
         """
         plan = self.ctx.plan
+        qf = qf or self.ctx.qf
         t_nodes, w_nodes = gauss_legendre(n)
         idx_cpu = idx.cpu()
         rows_q, weights, force = idx_cpu, w_nodes[None, :].expand(len(idx_cpu), n), None
         if ends is not None:
-            q, u, ts, on = self._kinks(s, w, delta, idx, t_nodes, *ends, scan_all=n > self.nodes)
+            q, u, ts, on = self._kinks(s, w, delta, idx, t_nodes, *ends, scan_all=n > self.nodes, qf=qf)
             if len(q):
                 self.n_units = len(self.ctx.unit_filter) if self.ctx.unit_filter is not None else ends[0].shape[1]
                 kp = kink_pieces(t_nodes, q, u, ts, on)
@@ -286,14 +295,14 @@ class Certifier:
             # one Jacobian of the node-weighted metric per row: the node sum happens in the backward;
             # rows in calls of at most options.jacobian_mb of [rows, outputs, P] gradients
             grid = phi.view(len(idx), o, phi.shape[1])
-            per_row = o * self.ctx.layout.numel * torch.finfo(self.ctx.dtype).bits // 8
+            per_row = o * self.ctx.layout.numel * torch.finfo(qf.dtype).bits // 8
             step_rows = max(1, int(self.ctx.options.jacobian_mb * 2**20) // per_row)
             wts = weights.to(self.ctx.device)
             pos_list = pos.tolist()
             for r0 in range(0, len(rows_q), step_rows):
                 r1 = min(r0 + step_rows, len(rows_q))
                 part = {k: v[r0:r1] for k, v in sub.items()}
-                g = self.ctx.qf.per_query_quadrature(w, delta, t_nodes.tolist(), wts[r0:r1], part, plan.resolve_output)
+                g = qf.per_query_quadrature(w, delta, t_nodes.tolist(), wts[r0:r1], part, plan.resolve_output)
                 # each query's leading row written in place, then the extra pieces of kinked
                 # queries added row by row (index_add_ into the strided view costs a full pass)
                 lead_end = min(r1, n_lead)
@@ -307,12 +316,12 @@ class Certifier:
             return phi
         if tangents is None:  # aggregated rows: the node-weighted gradient of the weighted query sum
             rw = (plan.weights[rows_q][:, None] * weights).to(self.ctx.device)
-            g = self.ctx.qf.aggregate_quadrature(w, delta, t_nodes.tolist(), rw, sub, plan.resolve_output)  # [O', *]
+            g = qf.aggregate_quadrature(w, delta, t_nodes.tolist(), rw, sub, plan.resolve_output)  # [O', *]
             phi += self.ctx.layout.flatten(g, lead=1, dtype=phi.dtype)
             return phi
         for j, tj in enumerate(t_nodes.tolist()):
             p = {k: w[k] + tj * delta[k] for k in self.ctx.names}
-            d = self.ctx.qf.per_query_directional(p, sub, tangents, plan.resolve_output)  # [T, rows, O']
+            d = qf.per_query_directional(p, sub, tangents, plan.resolve_output)  # [T, rows, O']
             d = d.to(torch.float64) * weights[:, j].to(self.ctx.device, torch.float64)[None, :, None]
             per_q = torch.zeros(d.shape[0], len(idx), o, dtype=torch.float64, device=self.ctx.device)
             per_q.index_add_(1, pos.to(self.ctx.device), d)
@@ -397,6 +406,15 @@ class Certifier:
                     break
                 att_prev, worst_prev = att, worst
                 n *= 2
+            if bool(failing.any()) and self.ctx.dtype != torch.float64:
+                # What is left may be rounding inside the working dtype's gradients (float32
+                # gradients of saturated log-probs cancel), which the rounding allowance, made for
+                # rounding of φ̂'s entries, does not cover: the chunk once more in float64, with
+                # the same nodes and pieces, stored where the float32 one was.
+                part, att, mag = self._phi_float64(s, w_s, delta64, idx, n, ends, vectors, phi[rs] if in_place else None, dflat)
+                res = (meas - att).abs()
+                bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps, floor)
+                self.float64_steps[s] = True
             if self.adaptive_nodes:
                 margin = float((res / bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
                 self._adapt_start(int(idx[0]), n0, n, margin)
@@ -411,6 +429,22 @@ class Certifier:
         self.step_attributed[s] = attributed
         self.step_bound[s] = bounds
         return phi
+
+    def _phi_float64(self, s: int, w_s: Params, delta64: Params, idx: Tensor, n: int, ends, vectors: Tensor | None,
+                     out: Tensor | None, dflat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One chunk's ``φ̂`` (or ``<φ̂, v>``) recomputed with the float64 query function, and its
+        attributed change and rounding scale (see :meth:`phi`)."""
+        qf64 = self.ctx.float64_query_function()
+        w64 = {k: w_s[k].to(self.ctx.device, torch.float64) for k in self.ctx.names}
+        tan64 = None if vectors is None else self.ctx.layout.unflatten(vectors.to(self.ctx.device, torch.float64))
+        kinks = self.kinks_seen.get(s, 0)
+        part = self._phi_chunk(s, w64, delta64, idx, n, ends, tan64, out=out, qf=qf64)
+        self.kinks_seen[s] = kinks  # the same kinks, found again
+        if tan64 is None:
+            att, mag = dot_and_magnitude(part, dflat)
+        else:
+            att, mag = part.sum(1), part.abs().sum(1)
+        return part, att, mag
 
     def _adapt_start(self, key: int, n0: int, n: int, margin: float) -> None:
         """Step control for the nodes a chunk's next step starts with (like an ODE solver's).
@@ -445,6 +479,7 @@ class Certifier:
             "step_bound": dict(self.step_bound),
             "ends": dict(self.ends),
             "kinks_seen": dict(self.kinks_seen),
+            "float64_steps": dict(self.float64_steps),
         }
 
     def restore(self, state: dict) -> None:
@@ -456,3 +491,4 @@ class Certifier:
         self.step_bound = dict(state.get("step_bound", {}))
         self.ends = dict(state["ends"])
         self.kinks_seen = dict(state["kinks_seen"])
+        self.float64_steps = dict(state.get("float64_steps", {}))

@@ -167,6 +167,7 @@ def merge_parts(parts: list[dict], kind: str, resolve_query: bool) -> dict:
         cert = {
             "nodes_used": {s: max(c["nodes_used"][s] for c in certs) for s in steps},
             "kinks_seen": {s: sum(c["kinks_seen"].get(s, 0) for c in certs) for s in set().union(*(c["kinks_seen"] for c in certs))},
+            "float64_steps": {s: True for c in certs for s in c.get("float64_steps", {})},
             "ends": {s: torch.cat([c["ends"][s] for c in certs], dim=0) for s in certs[0]["ends"]},
         }
         for key in ("step_measured", "step_attributed", "step_bound"):

@@ -80,6 +80,7 @@ class Setup:
         )
         # the read-out forward is checked against TransformerLens on the queries before use
         self.readout_error = None
+        self._qf64: QueryFunction | None = None
         self.checkpoints = set(trajectory.checkpoint_steps)
         if "tokens" in self.batch:
             self.readout_error = self.qf.check_readout(self.batch["tokens"][:64])
@@ -109,6 +110,20 @@ class Setup:
         # token terms (train_position) exist only on the forward-mode path (no [B, terms, P] block)
         self.train_jvp = plan.n_terms > 0 or plan.n_rows * self.n_comp <= TRAIN_GRADS[options.train_grads]
         self._onehot: Tensor | None = None
+
+    def float64_query_function(self) -> QueryFunction:
+        """The query function in float64 (its own model copies, so it never shares a module with
+        the certificate's forwards on the replay thread), for the steps whose working-dtype
+        ``φ̂`` misses the certificate (:meth:`Certifier.phi`). Built on first use."""
+        if self._qf64 is None:
+            qf64 = QueryFunction(
+                self.traj.model(), self.names, self.qf.metric, dtype=torch.float64, cert_dtype=torch.float64,
+                device=self.device, position=self.position if self.fast_forward else None,
+            )
+            if self.qf.readout is None:  # switched off by its check: stay with TransformerLens's forward
+                qf64.readout = qf64.cert_readout = None
+            self._qf64 = qf64
+        return self._qf64
 
     def note_readout_error(self, err: float | None) -> None:
         """Keep the largest read-out difference seen (``meta["readout_error"]``)."""

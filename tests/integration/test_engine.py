@@ -645,9 +645,56 @@ def test_two_relu_layers_meet_the_certificate(tmp_path, monkeypatch):
             if rule == "_force_deep_units":
                 m.setattr(certify.Certifier, rule, lambda self, *a: None)
             else:
-                m.setattr(certify.Certifier, rule, lambda self, *a: a[-1])
+                m.setattr(certify.Certifier, rule, lambda self, w, delta, queries, t, z, q, u_s, u, ts, qf: ts)
             with pytest.warns(CertificateWarning):
                 bad = explain(traj, test, by=("step",), **kw)
         assert bad.completeness.ok is False
         worst = float((bad.completeness.measured - bad.completeness.attributed).abs().max())
         assert worst > 1e3 * tol * float(bad.completeness.measured.abs().max())
+
+
+class SharpMLP(nn.Module):
+    """A classifier whose logits are scaled by 40: trained a little, its log-probs on the training
+    set saturate near 0, where float32 gradients (``1 - p`` for ``p`` near 1) lose most digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return 40.0 * self.net(x)
+
+
+def test_float32_gradient_rounding_is_recomputed_in_float64(tmp_path, monkeypatch):
+    """A chunk that misses the certificate in float32 is computed once more in float64; the
+    counter-example: recomputing it in float32 instead leaves the certificate failed."""
+    import explaind_tl.engine.certify as certify
+    from explaind_tl.contraction import dot_and_magnitude
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    train = {"input": x[:48], "label": y[:48]}
+    model = SharpMLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.0)
+    with TrajectoryRecorder(model, opt, tmp_path / "sharp", train, mlp_loss, checkpoint_every=50, model_factory=SharpMLP) as rec:
+        for _ in range(400):
+            rec.step(None)
+    traj = Trajectory.load(tmp_path / "sharp", loss_fn=mlp_loss, model_factory=SharpMLP)
+    kw = dict(metric="correct_logprob", by=("step",), reduce="mean", steps=(390, 400), progress=False)
+    attr = explain(traj, train, dtype=torch.float32, **kw)
+    assert attr.completeness.ok and attr.meta["float64_steps"]
+    ref = explain(traj, train, dtype=torch.float64, **kw)
+    assert ref.meta["float64_steps"] == []
+    assert_close_scaled(attr.values, ref.values, 1e-5)
+
+    def in_float32(self, s, w_s, delta64, idx, n, ends, vectors, out, dflat):
+        part = self._phi_chunk(s, self.ctx.to_work(w_s), {k: v.to(self.ctx.dtype) for k, v in delta64.items()}, idx, n,
+                               ends, None, out=out)
+        return (part, *dot_and_magnitude(part, dflat))
+
+    monkeypatch.setattr(certify.Certifier, "_phi_float64", in_float32)
+    with pytest.warns(CertificateWarning):
+        bad = explain(traj, train, dtype=torch.float32, **kw)
+    assert bad.completeness.ok is False and len(bad.completeness.failed_steps) > 0
