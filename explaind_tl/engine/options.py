@@ -70,7 +70,7 @@ class ExplainOptions:
 
     tol: float = 1e-6
     nodes: int = 2
-    max_nodes: int = 16
+    max_nodes: int = 32
     kink_aware: bool | str = "auto"
     adaptive_nodes: bool = True
     dtype: torch.dtype | None = None

@@ -16,7 +16,7 @@ from explaind_tl.engine.options import UNSET
 
 def test_defaults_are_explains_documented_defaults():
     o = ExplainOptions()
-    assert (o.tol, o.nodes, o.max_nodes, o.kink_aware, o.adaptive_nodes) == (1e-6, 2, 16, "auto", True)
+    assert (o.tol, o.nodes, o.max_nodes, o.kink_aware, o.adaptive_nodes) == (1e-6, 2, 32, "auto", True)
     assert (o.dtype, o.fast_forward, o.train_grads, o.query_grads) == (None, True, "auto", "auto")
     assert (o.query_chunk, o.train_chunk, o.jacobian_mb) == (None, 256, 64.0)
     # every option is also a keyword of explain (defaulting to "take it from options")
