@@ -176,9 +176,8 @@ class Certifier:
         """
         if not self._multilayer_relu() or "tokens" not in self.ctx.batch:
             return
-        per_layer = int(self.ctx.batch["tokens"].shape[1]) * self.ctx.qf.model.cfg.d_mlp
         full = self.ctx.unit_index.cpu() if self.ctx.unit_index is not None else torch.arange(z0.shape[1])
-        deep_f = torch.nonzero(full // per_layer >= 1).reshape(-1)
+        deep_f = torch.nonzero(self._after_first_layer(full)).reshape(-1)
         if len(deep_f) == 0:
             return
         rows = first_row + torch.arange(len(queries))
@@ -191,6 +190,10 @@ class Certifier:
         units are laid out ``[layer, pos, d_mlp]``)."""
         return is_hooked_transformer(self.ctx.qf.model) and len(self.ctx.qf.hook_names) > 1
 
+    def _after_first_layer(self, units: Tensor) -> Tensor:
+        """Which units (flattened ``[layer, pos, d_mlp]`` indices) lie after the first MLP layer."""
+        return units // (int(self.ctx.batch["tokens"].shape[1]) * self.ctx.qf.model.cfg.d_mlp) >= 1
+
     def _deep_kinks(self, w: Params, delta: Params, queries: Tensor, t: Tensor, z: Tensor, q: Tensor, u_sampled: Tensor,
                     u: Tensor, ts: Tensor, qf) -> Tensor:
         """Kink locations of units after the first MLP layer, on the true function.
@@ -202,9 +205,7 @@ class Certifier:
         pre-activation itself (one read-out forward per iteration over those kinks), inside the
         sample bracket where the sign changed, starting from the interpolant's root.
         """
-        n_pos = int(self.ctx.batch["tokens"].shape[1])
-        per_layer = n_pos * self.ctx.qf.model.cfg.d_mlp
-        deep = torch.nonzero(u // per_layer >= 1).reshape(-1)
+        deep = torch.nonzero(self._after_first_layer(u)).reshape(-1)
         if len(deep) == 0:
             return ts
         q_b, k_b, u_b = kink_brackets(z)
