@@ -148,9 +148,9 @@ def explain(
             per-query gradients, which a chunk holds at once, as many as fit ~256 MB);
             train_chunk: training examples per
             chunk of per-example gradients.
-        jacobian_mb: the most megabytes of per-query Jacobians (``[rows, outputs, P]``) one call
-            holds (default 64); a chunk with more rows (queries and the pieces of kinked
-            queries) takes several calls. Lower saves peak memory at some per-call cost.
+        jacobian_mb: the most megabytes of per-query Jacobians (``[queries, outputs, P]``) one
+            call holds (default 64); a chunk with more queries takes several calls. Lower saves
+            peak memory at some per-call cost.
         progress: show tqdm progress bars.
         resume_dir: persist partial sums after every checkpoint segment and continue from them
             (with several processes, one subdirectory ``shard-R-of-N`` per shard)

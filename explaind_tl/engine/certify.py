@@ -52,6 +52,39 @@ COMFORTABLE = 0.1
 RESTART_EVERY = 16
 
 
+# a Jacobian call pads its queries to its largest piece count: at most this many times the
+# pieces it really evaluates (queries sorted by piece count split where padding would exceed it)
+PAD_WASTE = 4.0
+
+
+def jacobian_calls(counts: Tensor, cap: int, waste: float = PAD_WASTE) -> list[Tensor]:
+    """Queries (indices into ``counts``, ascending within a call) for each per-query Jacobian call.
+
+    Args:
+        counts: ``[Q]`` pieces per query (>= 1; a query with kinks has one per smooth piece).
+        cap: most queries one call holds (its Jacobians' memory).
+        waste: most padded pieces per real piece in a call (a call evaluates
+            ``len(call) * max(counts[call])`` pieces for ``sum(counts[call])`` real ones).
+
+    Returns:
+        The calls, covering every query once: all of them in one call when that fits, else runs
+        of the queries sorted by piece count, each closed before it would break ``cap`` or ``waste``.
+    """
+    n = len(counts)
+    if n <= cap and int(counts.max()) * n <= waste * int(counts.sum()):
+        return [torch.arange(n)]
+    calls, cur, real = [], [], 0
+    for q in torch.argsort(counts, stable=True).tolist():
+        c = int(counts[q])  # the largest so far in this run
+        if cur and (len(cur) >= cap or c * (len(cur) + 1) > waste * (real + c)):
+            calls.append(torch.tensor(sorted(cur)))
+            cur, real = [], 0
+        cur.append(q)
+        real += c
+    calls.append(torch.tensor(sorted(cur)))
+    return calls
+
+
 class Certifier:
     """``φ̂_s`` of each step, refined against its certificate, and the certificate's records.
 
@@ -270,18 +303,7 @@ class Certifier:
                 mask[len(smooth) + kp.force_row, kp.force_unit] = True
                 val[len(smooth) + kp.force_row, kp.force_unit] = kp.force_on
                 force = (mask.to(self.ctx.device), val.to(self.ctx.device))
-        # local position of each row's query inside the chunk; rows reordered so that the first
-        # row of every query comes first, in the chunk's order (each query's row of φ̂ then takes
-        # one in-place multiply-add per parameter), then the extra pieces of kinked queries
-        pos = torch.searchsorted(idx_cpu, rows_q)
-        order = torch.argsort(pos, stable=True)
-        lead = torch.ones(len(order), dtype=torch.bool)
-        lead[1:] = pos[order][1:] != pos[order][:-1]
-        order = torch.cat([order[lead], order[~lead]])
-        rows_q, pos, weights = rows_q[order], pos[order], weights[order]
-        if force is not None:
-            force = (force[0][order.to(self.ctx.device)], force[1][order.to(self.ctx.device)])
-        n_lead = int(lead.sum())
+        pos = torch.searchsorted(idx_cpu, rows_q)  # each row's query, local to the chunk
         sub = take(self.ctx.batch, rows_q.to(self.ctx.device))
         if force is not None:
             sub = {**sub, KINK_MASK: force[0], KINK_ON: force[1]}
@@ -293,27 +315,7 @@ class Certifier:
             phi = torch.zeros(n_rows, width, dtype=torch.float64, device=self.ctx.device)
         o = plan.rows_per_query
         if tangents is None and plan.resolve_query:
-            # one Jacobian of the node-weighted metric per row: the node sum happens in the backward;
-            # rows in calls of at most options.jacobian_mb of [rows, outputs, P] gradients
-            grid = phi.view(len(idx), o, phi.shape[1])
-            per_row = o * self.ctx.layout.numel * torch.finfo(qf.dtype).bits // 8
-            step_rows = max(1, int(self.ctx.options.jacobian_mb * 2**20) // per_row)
-            wts = weights.to(self.ctx.device)
-            pos_list = pos.tolist()
-            for r0 in range(0, len(rows_q), step_rows):
-                r1 = min(r0 + step_rows, len(rows_q))
-                part = {k: v[r0:r1] for k, v in sub.items()}
-                g = qf.per_query_quadrature(w, delta, t_nodes.tolist(), wts[r0:r1], part, plan.resolve_output)
-                # each query's leading row written in place, then the extra pieces of kinked
-                # queries added row by row (index_add_ into the strided view costs a full pass)
-                lead_end = min(r1, n_lead)
-                for name, sl in self.ctx.layout.slices.items():
-                    gn, view = g[name], grid[:, :, sl].unflatten(2, self.ctx.layout_shapes[name])
-                    if r0 < lead_end:
-                        view[r0:lead_end].copy_(gn[: lead_end - r0])
-                    for r in range(max(r0, n_lead), r1):
-                        view[pos_list[r]].add_(gn[r - r0])
-                del g
+            self._per_query_jacobians(qf, w, delta, t_nodes, pos, weights, sub, phi.view(len(idx), o, phi.shape[1]))
             return phi
         if tangents is None:  # aggregated rows: the node-weighted gradient of the weighted query sum
             rw = (plan.weights[rows_q][:, None] * weights).to(self.ctx.device)
@@ -328,6 +330,40 @@ class Certifier:
             per_q.index_add_(1, pos.to(self.ctx.device), d)
             phi += per_q.reshape(d.shape[0], -1).T
         return phi
+
+    def _per_query_jacobians(self, qf, w: Params, delta: Params, t_nodes: Tensor, pos: Tensor, weights: Tensor,
+                             sub: dict[str, Tensor], grid: Float[Tensor, "query output param"]) -> None:
+        """Each query's rows of ``φ̂`` (``grid[i]``, layout order): one Jacobian per query of the
+        node- and piece-weighted metric, so a kinked query's pieces are summed inside the backward
+        and the Jacobians held are ``[queries, outputs, P]``, never one block per piece.
+
+        ``pos``, ``weights`` and ``sub`` describe the rows (pieces): each row's query, its node
+        weights and its batch entries. Queries go in calls of at most ``jacobian_mb`` of
+        Jacobians (:func:`jacobian_calls`), each padded to its largest piece count with pieces
+        of weight 0.
+        """
+        counts = torch.bincount(pos, minlength=grid.shape[0])
+        rows_of = torch.argsort(pos, stable=True)  # rows grouped by query
+        first = torch.cumsum(counts, 0) - counts
+        per_query = grid.shape[1] * self.ctx.layout.numel * torch.finfo(qf.dtype).bits // 8
+        cap = max(1, int(self.ctx.options.jacobian_mb * 2**20) // per_query)
+        dev, t_list = self.ctx.device, t_nodes.tolist()
+        for qs in jacobian_calls(counts, cap):
+            c = counts[qs][:, None]
+            slot = torch.arange(int(c.max()))[None, :]
+            table = rows_of[first[qs][:, None] + torch.minimum(slot, c - 1)]  # [q, pieces]: padded with a real row
+            wts = torch.where((slot < c)[..., None], weights[table], 0.0).to(dev)
+            g = qf.per_query_quadrature(w, delta, t_list, wts, {k: v[table.to(dev)] for k, v in sub.items()},
+                                        self.ctx.plan.resolve_output)
+            run = int(qs[-1]) - int(qs[0]) == len(qs) - 1  # consecutive queries: one copy per parameter
+            for name, sl in self.ctx.layout.slices.items():
+                gn, view = g[name], grid[:, :, sl].unflatten(2, self.ctx.layout_shapes[name])
+                if run:
+                    view[int(qs[0]) : int(qs[-1]) + 1].copy_(gn)
+                else:
+                    for j, q in enumerate(qs.tolist()):
+                        view[q].copy_(gn[j])
+            del g
 
     def phi(
         self,

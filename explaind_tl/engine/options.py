@@ -58,11 +58,11 @@ class ExplainOptions:
         query_grads: ``"auto"``, ``"jvp"`` or ``"grad"`` (per-query rows, realized clock).
         query_chunk: queries per chunk; ``None``: chosen from the plan and the model size.
         train_chunk: training examples per chunk of per-example gradients.
-        jacobian_mb: the most megabytes of per-query Jacobians (``[rows, outputs, P]`` in the
-            working dtype) one call holds; a chunk with more rows (queries and the pieces of
-            kinked queries) takes several calls, each written straight into ``φ̂``. Lower saves
-            memory and costs per-call overhead (on the kernel benchmark, 16 instead of 64: 60 MB
-            less peak memory, 15% more time).
+        jacobian_mb: the most megabytes of per-query Jacobians (``[queries, outputs, P]`` in
+            the working dtype; a kinked query's pieces are summed inside its Jacobian) one call
+            holds; a chunk with more queries takes several calls, each written straight into
+            ``φ̂``. Lower saves memory and costs per-call overhead (about 13 ms a call on the
+            kernel benchmark's model, as much as ~13 queries' Jacobians).
 
     Raises:
         TypeError, ValueError: a field of the wrong type or value (as ``explain`` would).

@@ -439,37 +439,45 @@ class QueryFunction:
         params: Params,
         delta: Params,
         t_nodes: list[float],
-        weights: Float[Tensor, "query node"],
+        weights: Float[Tensor, "query piece node"] | Float[Tensor, "query node"],
         batch: dict[str, Tensor],
         resolve_outputs: bool,
     ) -> dict[str, Tensor]:
-        """``Σ_j weights[i, j] ∇q_i(params + t_j delta)`` per query, ``[Q, R, *shape]``.
+        """``Σ_k Σ_j weights[i, k, j] ∇q_ik(params + t_j delta)`` per query, ``[Q, R, *shape]``.
 
-        One ``vmap(jacrev)`` of ``p ↦ Σ_j w_j q_i(p + t_j Δ)`` at ``p = params``: its gradient is
-        the weighted sum of the node gradients, so the node sum happens inside the backward and
-        one ``[Q, R, P]`` block is returned (autograd still forms one per node and adds them).
-        With the read-out forward, a query's nodes are rows of one batch evaluated along the path
-        (:meth:`Readout.logits` ``path=``), so each weight matrix's gradient is one batched
-        product over nodes and positions: no per-node ``[Q, R, P]`` block at all.
+        A query's *pieces* ``k`` are evaluations of it with their own batch entries (the forced
+        ReLU states of a kinked query's smooth pieces, :func:`~explaind_tl.quadrature.kink_pieces`)
+        and their own node weights: ``batch`` entries are ``[Q, pieces, ...]`` with ``weights``
+        ``[Q, pieces, n]`` (a piece of weight 0 pads a query with fewer pieces), or ``[Q, ...]``
+        with ``[Q, n]`` for one piece each.
+
+        One ``vmap(jacrev)`` of ``p ↦ Σ_k Σ_j w_kj q_ik(p + t_j Δ)`` at ``p = params``: its
+        gradient is the weighted sum of the node and piece gradients, so both sums happen inside
+        the backward and one ``[Q, R, P]`` block is returned (autograd still forms one per node
+        and adds them). With the read-out forward, a query's pieces and nodes are rows of one
+        batch evaluated along the path (:meth:`Readout.logits` ``path=``), so each weight
+        matrix's gradient is one batched product over them and the positions: no per-node
+        ``[Q, R, P]`` block at all.
         """
-        n = len(t_nodes)
-        if self.readout is not None and n > 1:
-            t = torch.tensor(t_nodes, dtype=self.dtype, device=self.device)
-            d = {k: v.to(self.dtype) for k, v in delta.items()}
+        if weights.dim() == 2:  # one piece per query
+            weights, batch = weights[:, None], {k: v[:, None] for k, v in batch.items()}
+        n, k = len(t_nodes), weights.shape[1]
+        if self.readout is not None and n * k > 1:
+            t = torch.tensor(t_nodes, dtype=self.dtype, device=self.device).repeat(k)  # [k * n], node-minor
+            d = {name: v.to(self.dtype) for name, v in delta.items()}
 
             def f_path(p: Params, example: dict[str, Tensor], w: Tensor) -> Tensor:
-                nodes = {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in example.items()}
-                v = self._values(p, nodes, path=(d, t))  # [n, O]
-                total = (v * w[:, None]).sum(0)
+                rows = {key: v.unsqueeze(1).expand(k, n, *v.shape[1:]).flatten(0, 1) for key, v in example.items()}
+                v = self._values(p, rows, path=(d, t))  # [k * n, O]
+                total = (v * w.reshape(-1, 1)).sum(0)
                 return total if resolve_outputs else total.sum().reshape(1)
 
             return vmap(jacrev(f_path), in_dims=(None, 0, 0))(params, batch, weights.to(self.dtype))
 
         def f(p: Params, example: dict[str, Tensor], w: Tensor) -> Tensor:
-            one = _unsqueeze(example)
             total = None
-            for j, t in enumerate(t_nodes):
-                v = self._values({k: p[k] + t * delta[k] for k in p}, one)[0] * w[j]
+            for j, tj in enumerate(t_nodes):
+                v = (self._values({name: p[name] + tj * delta[name] for name in p}, example) * w[:, j : j + 1]).sum(0)
                 total = v if total is None else total + v
             return total if resolve_outputs else total.sum().reshape(1)
 

@@ -415,8 +415,8 @@ def test_per_query_jvp_equals_per_query_gradients(tmp_path, act_fn):
 
 
 def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch):
-    """A chunk's per-query Jacobians taken a few rows per call (kinked queries' pieces landing in
-    other calls than their leading rows) give the entries of one call per chunk."""
+    """A chunk's per-query Jacobians taken two queries per call (each call padded to its own
+    largest piece count) give the entries of one call per chunk."""
     from explaind_tl import ExplainOptions
     from explaind_tl.model.functional import QueryFunction
 
@@ -434,7 +434,7 @@ def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(QueryFunction, "per_query_quadrature", spy)
     n_params = sum(p.numel() for p in traj.model().parameters() if p.requires_grad)
-    mb = 2.5 * one.values.shape[1] * n_params * 8 / 2**20  # two rows per call
+    mb = 2.5 * one.values.shape[1] * n_params * 8 / 2**20  # two queries per call
     batched = explain(traj, test, options=ExplainOptions(jacobian_mb=mb), **kw)
     assert one.meta["kinks"] > 0 and max(calls) == 2 and len(calls) > 6 * len(test["label"]) // 2
     assert_close_scaled(batched.values, one.values, 1e-12)

@@ -145,6 +145,24 @@ def test_path_forward_and_node_stacked_quadrature(name, position):
     q_fast = fast.per_query_quadrature(params, delta, nodes, weights, batch, True)
     q_slow = slow.per_query_quadrature(params, delta, nodes, weights, batch, True)
     assert_close_scaled(q_fast, q_slow, 1e-11)
+    if not fast.has_kinks:
+        return
+    # pieces: each query evaluated with 3 forced patterns and their own weights, the last piece
+    # of every other query padded (weight 0), equal the sum of one-piece calls on both paths
+    k = 3
+    masks = [(torch.rand(z.shape, generator=g) < 0.3) & keep for _ in range(k)]
+    ons = [torch.rand(z.shape, generator=g) < 0.5 for _ in range(k)]
+    pw = torch.rand(len(tok), k, len(nodes), generator=g, dtype=torch.float64)
+    pw[::2, -1] = 0.0
+    pieces = {"tokens": tok[:, None].expand(-1, k, -1), KINK_MASK: torch.stack(masks, 1), KINK_ON: torch.stack(ons, 1)}
+    oracle = {}
+    for j in range(k):
+        one = slow.per_query_quadrature(params, delta, nodes, pw[:, j], {"tokens": tok, KINK_MASK: masks[j], KINK_ON: ons[j]}, True)
+        oracle = {n: oracle.get(n, 0) + v for n, v in one.items()}
+    for qf in (fast, slow):
+        assert_close_scaled(qf.per_query_quadrature(params, delta, nodes, pw, pieces, True), oracle, 1e-11)
+    first = slow.per_query_quadrature(params, delta, nodes, pw[:, 0], {"tokens": tok, KINK_MASK: masks[0], KINK_ON: ons[0]}, True)
+    assert max(float((oracle[n] - first[n]).abs().max()) for n in oracle) > 1e-3  # the other pieces matter
 
 
 def test_unsupported_models_fall_back():

@@ -89,3 +89,25 @@ def test_polish_roots_on_smooth_kinked_and_exact_zero_functions():
     # a coarser resolution stops earlier, at a root that good
     coarse = polish_roots(f, lo, hi, f_lo, f_hi, guess=torch.tensor([0.9, 0.05, 0.5], dtype=torch.float64), xtol=1e-6)
     assert abs(float(coarse[1]) - r1) <= 1e-6
+
+
+def test_jacobian_calls_cover_every_query_within_cap_and_padding():
+    """Calls of per-query Jacobians: every query once, ascending within a call, at most ``cap``
+    queries, padding bounded by ``waste``, and one call when everything fits."""
+    from explaind_tl.engine.certify import jacobian_calls
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        counts = 1 + torch.randint(0, 4, (n,), generator=g) * (torch.rand(n, generator=g) < 0.3)
+        cap, waste = int(torch.randint(1, 12, (1,), generator=g)), 2.0
+        calls = jacobian_calls(counts, cap, waste)
+        assert sorted(torch.cat(calls).tolist()) == list(range(n))
+        for c in calls:
+            assert c.tolist() == sorted(c.tolist()) and len(c) <= cap
+            padded, real = len(c) * int(counts[c].max()), int(counts[c].sum())
+            assert len(c) == 1 or padded <= waste * real
+    assert [c.tolist() for c in jacobian_calls(torch.tensor([1, 2, 1, 2]), 8)] == [[0, 1, 2, 3]]
+    # one query with many pieces among many with one: padding them all would cost 5x, so it goes alone
+    split = jacobian_calls(torch.tensor([1] * 19 + [9]), 64, 4.0)
+    assert [c.tolist() for c in split] == [list(range(19)), [19]]
