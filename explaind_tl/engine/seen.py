@@ -75,20 +75,32 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
     pool = ThreadPoolExecutor(1, thread_name_prefix="explaind-data") if overlap else None
     pending: Future | None = None
 
-    def data_job(G: Tensor, g_scale: float, ids: Tensor, w_work: Params, k: int, scale: float):
+    def data_job(G: Tensor, g_scale: float, ids: Tensor, w_work: Params, k: int, scale: float,
+                 A: Tensor, on_A: dict[str, Tensor], beta: float):
         parts, data_sum = [], torch.zeros(R, ctx.n_comp, dtype=torch.float64)
         for cid, contrib in data_entries(ctx, lossf, G, g_scale, ids, w_work):
             contrib = scale * contrib.cpu()
             parts.append((cid.cpu(), contrib))
             data_sum += contrib.sum(-1)
-        return k, parts, data_sum
+        # the float64 contractions of Ã_s with flat vectors run here too: Ã_s is not written
+        # while the job runs, and the main thread has the next φ̂ to compute
+        return k, parts, data_sum, _contract(blocks, A, on_A), beta
 
     def book(result) -> None:
-        # <G, gt_s> (the data entries) leaves the update-residual entry (see below)
-        k, parts, data_sum = result
+        # <G, gt_s> (the data and regularization entries) leaves the update-residual entry (see
+        # the loop), which also takes the Ã_s part of X
+        k, parts, data_sum, dA, beta = result
         for cid, contrib in parts:
             acc[k].index_add_(2, cid, contrib)
         acc[k, :, :, col["update_residual"]] -= data_sum
+        if "reg" in dA:
+            acc[k, :, :, col["regularization"]] += dA["reg"]
+            acc[k, :, :, col["update_residual"]] -= dA["reg"]
+        if "X" in dA:
+            acc[k, :, :, col["update_residual"]] += dA["X"]
+        if "history" in dA:
+            # b_{s+1} ∋ Π_{j=a..s} β_j b_a, so b_a enters with β_a Ã_a (β_a: this step's)
+            acc[k, :, :, col["history"]] += beta * dA["history"]
 
     def settle() -> None:
         nonlocal pending
@@ -169,30 +181,26 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
                 k = plan.bin_of(s)
                 # training examples seen at step s: their entries (the worker's, with overlap)
                 ids = rec.batch_ids.to(torch.long)
-                job = (G, g_scale, ids, ctx.to_work(rec.params), k, rec.clip_factor / len(ids) * g_scale)
+                # and every other entry: float64 contractions of Ã_s (in the job) and of φ̂_s
+                # (dphi, above) with flat vectors
+                job = (G, g_scale, ids, ctx.to_work(rec.params), k, rec.clip_factor / len(ids) * g_scale, A, on_A, co.beta)
                 settle()
                 if pool is not None:
                     pending = pool.submit(data_job, *job)
                 else:
                     book(data_job(*job))
-                # every other entry: float64 contractions of Ã_s (and of φ_s, above) with flat vectors
-                dA = _contract(blocks, A, on_A)
-                reg = dA.get("reg", 0.0) + dphi.get("reg", 0.0)
-                if co.coupled_wd:
-                    acc[k, :, :, col["regularization"]] += reg
+                if "reg" in dphi:
+                    acc[k, :, :, col["regularization"]] += dphi["reg"]
                 if co.decoupled_wd:
                     acc[k, :, :, col["weight_decay"]] += dphi["wd"]
                 # update residual: with the reconstruction Δ_s = -λ' w_s + P ⊙ b_{s+1} + e ⊙ gt_s + ρ_s,
                 # b_{s+1} = β b_s + c gt_s + ε_s, its entry <A, ε_s> + <φ, ρ_s> is
                 # X - <G, gt_s>, X = <A, b_{s+1} - β b_s> + <φ, Δ_s + λ' w_s - P ⊙ b_{s+1}>, and
                 # <G, gt_s> is what the data and regularization entries of step s add up to (the
-                # data part is taken off in book()). So the entry also carries their rounding
+                # parts on Ã_s are booked in book()). So the entry also carries their rounding
                 # (working-dtype GEMMs, float32 gradients of saturated losses) and every step's
                 # entries add up to exactly what its φ and Δ say.
-                acc[k, :, :, col["update_residual"]] += dA.get("X", 0.0) + dphi["X"] - reg
-                if "history" in dA:
-                    # b_{s+1} ∋ Π_{j=a..s} β_j b_a, so b_a enters with β_a Ã_a (β_a: this step's)
-                    acc[k, :, :, col["history"]] += co.beta * dA["history"]
+                acc[k, :, :, col["update_residual"]] += dphi["X"] - dphi.get("reg", 0.0)
                 bar.update(1)
             done_before = seg[0].step
             if resume is not None:
