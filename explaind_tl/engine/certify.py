@@ -353,8 +353,8 @@ class Certifier:
             slot = torch.arange(int(c.max()))[None, :]
             table = rows_of[first[qs][:, None] + torch.minimum(slot, c - 1)]  # [q, pieces]: padded with a real row
             wts = torch.where((slot < c)[..., None], weights[table], 0.0).to(dev)
-            g = qf.per_query_quadrature(w, delta, t_list, wts, {k: v[table.to(dev)] for k, v in sub.items()},
-                                        self.ctx.plan.resolve_output)
+            rows = table.to(dev)
+            g = qf.per_query_quadrature(w, delta, t_list, wts, {k: v[rows] for k, v in sub.items()}, self.ctx.plan.resolve_output)
             run = int(qs[-1]) - int(qs[0]) == len(qs) - 1  # consecutive queries: one copy per parameter
             for name, sl in self.ctx.layout.slices.items():
                 gn, view = g[name], grid[:, :, sl].unflatten(2, self.ctx.layout_shapes[name])
