@@ -126,6 +126,14 @@ class Blocks:
                     out[k, c, r0 : r0 + rows] += chunk @ cols[k][s:e]
         return out.permute(2, 1, 0)
 
+    def dots_of_rows(self, chunk: Float[Tensor, "row param"], cols: list[Tensor], out: Float[Tensor, "k component row"]) -> None:
+        """``out[k, c, r] += Σ_{p ∈ c} chunk[r, p] cols[k][p]`` (float64 ``chunk`` of full rows, in
+        the blocks' order): what :meth:`dots` adds for those rows, for a caller that already holds
+        them converted (:func:`dot_and_magnitude`)."""
+        for s, e, c in zip(self.starts, self.ends, self.comps):
+            for k, col in enumerate(cols):
+                out[k, c] += chunk[:, s:e] @ col[s:e]
+
     def gram(self, M: Float[Tensor, "row param"], G: Float[Tensor, "batch param"]) -> Float[Tensor, "row component batch"]:
         """``out[r, c, b] = Σ_{p ∈ c} M[r, p] G[b, p]`` (blocks' order), one GEMM per block in
         ``M``'s dtype, returned in float64."""
@@ -138,16 +146,51 @@ class Blocks:
             out[:, c].addmm_(M[:, s:e], G[:, s:e].T)
         return out.to(torch.float64)
 
+    def gram_pieces(self, M: Float[Tensor, "row param"], pieces: list[tuple[int, Float[Tensor, "batch cols"]]]
+                    ) -> Float[Tensor, "row component batch"]:
+        """:meth:`gram` of ``M`` with a ``G`` given as column pieces ``(start, [B, n])`` (columns
+        ``start:start + n`` of ``G``, e.g. one per parameter), never concatenated into ``[B, P]``:
+        one GEMM per piece and block they share. Needs blocks without a permutation (``M``'s
+        columns in the layout order)."""
+        if self.perm is not None:
+            raise ValueError("gram_pieces needs blocks without a permutation; use gram on the sorted matrix")
+        R, B = M.shape[0], pieces[0][1].shape[0]
+        out = torch.zeros(R, self.n_comp, B, dtype=M.dtype, device=M.device)
+        for start, g in pieces:
+            g = g.to(M.device, M.dtype)
+            end = start + g.shape[1]
+            for s, e, c in zip(self.starts, self.ends, self.comps):
+                lo, hi = max(s, start), min(e, end)
+                if lo < hi:
+                    out[:, c].addmm_(M[:, lo:hi], g[:, lo - start : hi - start].T)
+        return out.to(torch.float64)
 
-def dot_and_magnitude(M: Float[Tensor, "row param"], v: Float[Tensor, "param"]) -> tuple[Float[Tensor, "row"], Float[Tensor, "row"]]:
+
+def dot_and_magnitude(
+    M: Float[Tensor, "row param"],
+    v: Float[Tensor, "param"],
+    blocks: Blocks | None = None,
+    V: Float[Tensor, "param k"] | None = None,
+) -> tuple[Float[Tensor, "row"], Float[Tensor, "row"]] | tuple[Float[Tensor, "row"], Float[Tensor, "row"], Float[Tensor, "row component k"]]:
     """``(M @ v, |M| @ |v|)`` in float64 (the certificate's attributed change ``<φ̂, Δ>`` and its
     rounding scale ``Σ_p |φ̂_p Δ_p|``), ``M`` copied into a float64 buffer of about
-    :data:`CHUNK_BYTES` a row chunk at a time."""
+    :data:`CHUNK_BYTES` a row chunk at a time.
+
+    With ``blocks`` (no permutation: ``M``'s columns are already in the blocks' order) and ``V``
+    (``[P, K]``), also ``blocks.dots(M, V)`` (``[rows, C, K]``) from the same float64 chunks, so
+    ``M`` is converted once for both (the adjoint sweep's contractions of ``φ̂_s``).
+    """
     R, P = M.shape
     v = v.to(M.device, torch.float64)
     va = v.abs()
     att = torch.empty(R, dtype=torch.float64, device=M.device)
     mag = torch.empty(R, dtype=torch.float64, device=M.device)
+    if V is not None:
+        if blocks is None or blocks.perm is not None:
+            raise ValueError("dot_and_magnitude with V needs blocks without a permutation (M in the blocks' order)")
+        V = V.to(M.device, torch.float64)
+        cols = [V[:, k].contiguous() for k in range(V.shape[1])]
+        dots = torch.zeros(V.shape[1], blocks.n_comp, R, dtype=torch.float64, device=M.device)
     rows = max(1, min(R, CHUNK_BYTES // (8 * max(P, 1))))
     buf = torch.empty(rows, P, dtype=torch.float64, device=M.device)
     for r0 in range(0, R, rows):
@@ -155,5 +198,9 @@ def dot_and_magnitude(M: Float[Tensor, "row param"], v: Float[Tensor, "param"]) 
         chunk = buf[: m.shape[0]]
         chunk.copy_(m)
         torch.mv(chunk, v, out=att[r0 : r0 + rows])
+        if V is not None:
+            blocks.dots_of_rows(chunk, cols, dots[:, :, r0 : r0 + rows])
         torch.mv(chunk.abs_(), va, out=mag[r0 : r0 + rows])
-    return att, mag
+    if V is None:
+        return att, mag
+    return att, mag, dots.permute(2, 1, 0)

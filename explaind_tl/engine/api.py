@@ -149,7 +149,7 @@ def explain(
             train_chunk: training examples per
             chunk of per-example gradients.
         jacobian_mb: the most megabytes of per-query Jacobians (``[queries, outputs, P]``) one
-            call holds (default 64); a chunk with more queries takes several calls. Lower saves
+            call holds (default 16); a chunk with more queries takes several calls of even sizes. Lower saves
             peak memory at some per-call cost.
         progress: show tqdm progress bars.
         resume_dir: persist partial sums after every checkpoint segment and continue from them

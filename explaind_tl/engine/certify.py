@@ -68,11 +68,14 @@ def jacobian_calls(counts: Tensor, cap: int, waste: float = PAD_WASTE) -> list[T
 
     Returns:
         The calls, covering every query once: all of them in one call when that fits, else runs
-        of the queries sorted by piece count, each closed before it would break ``cap`` or ``waste``.
+        of the queries sorted by piece count, each closed before it would break ``waste`` or an
+        even share of ``cap`` (``ceil(n / ceil(n / cap))`` queries: 20 queries under a cap of 14
+        go as 10 + 10, not 14 + 6, the same number of calls with the peak of the smaller).
     """
     n = len(counts)
     if n <= cap and int(counts.max()) * n <= waste * int(counts.sum()):
         return [torch.arange(n)]
+    cap = -(-n // -(-n // cap))
     calls, cur, real = [], [], 0
     for q in torch.argsort(counts, stable=True).tolist():
         c = int(counts[q])  # the largest so far in this run
@@ -374,7 +377,8 @@ class Certifier:
         q1: tuple[Tensor, Tensor | None],
         vectors: Tensor | None = None,
         out: Tensor | None = None,
-    ) -> Float[Tensor, "row param_or_vector"]:
+        on_phi: Tensor | None = None,
+    ) -> Float[Tensor, "row param_or_vector"] | tuple[Float[Tensor, "row param"], Float[Tensor, "row component k"]]:
         """``φ̂_s`` for all rows, refined against the certificate; records nodes, measured and
         attributed change and the bound the residual was compared against (``step_bound``: the
         last :func:`residual_tolerance` of each chunk, summed over chunks; a chunk that stops
@@ -387,8 +391,16 @@ class Certifier:
         Without ``vectors``, ``φ̂_s`` is written into ``out`` (``[rows, P]``, overwritten; default:
         a new float64 matrix) in ``out``'s dtype; the certificate's ``<φ̂_s, Δ_s>`` and
         ``Σ_p |φ̂_p Δ_p|`` are float64 sums of its entries (:func:`~explaind_tl.contraction.dot_and_magnitude`).
+
+        With ``on_phi`` (``[P, K]`` float64, layout order; no ``vectors``, and component blocks
+        without a permutation), returns ``(φ̂_s, dots)`` with ``dots [rows, C, K]`` the
+        per-component float64 contractions of the accepted ``φ̂_s`` with each column, computed
+        in the certificate's own pass over ``φ̂_s`` (one float64 conversion for both).
         """
         plan = self.ctx.plan
+        blocks = self.ctx.blocks
+        if on_phi is not None and (vectors is not None or blocks.perm is not None):
+            raise ValueError("on_phi needs feature rows (no vectors) and component blocks without a permutation")
         if s % RESTART_EVERY == 0:  # the node controller starts afresh (see RESTART_EVERY)
             self.start_nodes.clear()
             self.cooldown.clear()
@@ -410,6 +422,9 @@ class Certifier:
         measured = torch.zeros(plan.n_rows, dtype=torch.float64)
         attributed = torch.zeros(plan.n_rows, dtype=torch.float64)
         bounds = torch.zeros(plan.n_rows, dtype=torch.float64)
+        dots = None if on_phi is None else torch.zeros(plan.n_rows, blocks.n_comp, on_phi.shape[1], dtype=torch.float64,
+                                                       device=self.ctx.device)
+        fused = () if on_phi is None else (blocks, on_phi)
         n_max = 0
         for idx in self.ctx.chunks():
             rs = self.ctx.row_slice(idx)
@@ -423,7 +438,7 @@ class Certifier:
                 self.kinks_seen[s] = 0
                 part = self._phi_chunk(s, w, delta, idx, n, ends, tangents, out=phi[rs] if in_place else None)
                 if tangents is None:
-                    att, mag = dot_and_magnitude(part, dflat)
+                    att, mag, *part_dots = dot_and_magnitude(part, dflat, *fused)
                 else:
                     att, mag = part.sum(1), part.abs().sum(1)
                 res = (meas - att).abs()
@@ -448,7 +463,8 @@ class Certifier:
                 # gradients of saturated log-probs cancel), which the rounding allowance, made for
                 # rounding of φ̂'s entries, does not cover: the chunk once more in float64, with
                 # the same nodes and pieces, stored where the float32 one was.
-                part, att, mag = self._phi_float64(s, w_s, delta64, idx, n, ends, vectors, phi[rs] if in_place else None, dflat)
+                part, att, mag, *part_dots = self._phi_float64(s, w_s, delta64, idx, n, ends, vectors,
+                                                               phi[rs] if in_place else None, dflat, fused)
                 res = (meas - att).abs()
                 bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps, floor)
                 self.float64_steps[s] = True
@@ -458,6 +474,8 @@ class Certifier:
             n_max = max(n_max, n)
             if not in_place:
                 phi[rs] += part
+            if dots is not None:
+                dots[rs] += part_dots[0]
             measured[rs] += meas.cpu()
             attributed[rs] += att.cpu()
             bounds[rs] += bound.cpu()
@@ -465,12 +483,13 @@ class Certifier:
         self.step_measured[s] = measured
         self.step_attributed[s] = attributed
         self.step_bound[s] = bounds
-        return phi
+        return phi if dots is None else (phi, dots)
 
     def _phi_float64(self, s: int, w_s: Params, delta64: Params, idx: Tensor, n: int, ends, vectors: Tensor | None,
-                     out: Tensor | None, dflat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                     out: Tensor | None, dflat: Tensor, fused: tuple = ()) -> tuple[Tensor, ...]:
         """One chunk's ``φ̂`` (or ``<φ̂, v>``) recomputed with the float64 query function, and its
-        attributed change and rounding scale (see :meth:`phi`)."""
+        attributed change and rounding scale (with ``fused = (blocks, on_phi)``, also its
+        contractions with ``on_phi``; see :meth:`phi`)."""
         qf64 = self.ctx.float64_query_function()
         w64 = {k: w_s[k].to(self.ctx.device, torch.float64) for k in self.ctx.names}
         tan64 = None if vectors is None else self.ctx.layout.unflatten(vectors.to(self.ctx.device, torch.float64))
@@ -478,10 +497,8 @@ class Certifier:
         part = self._phi_chunk(s, w64, delta64, idx, n, ends, tan64, out=out, qf=qf64)
         self.kinks_seen[s] = kinks  # the same kinks, found again
         if tan64 is None:
-            att, mag = dot_and_magnitude(part, dflat)
-        else:
-            att, mag = part.sum(1), part.abs().sum(1)
-        return part, att, mag
+            return (part, *dot_and_magnitude(part, dflat, *fused))
+        return part, part.sum(1), part.abs().sum(1)
 
     def _adapt_start(self, key: int, n0: int, n: int, margin: float) -> None:
         """Step control for the nodes a chunk's next step starts with (like an ODE solver's).

@@ -122,25 +122,12 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
                 if q1 is None:
                     q1 = cert.endpoint(rec.next_params, s + 1)
                 q0 = cert.endpoint(rec.params, s)
-                nxt = (cur + 1) % len(A_bufs)
-                A = A_bufs[nxt]
-                if overlap:
-                    if phi_out is None:
-                        cert.phi(s, rec.params, rec.next_params, q0, q1, out=A)
-                        phi = A
-                    else:
-                        cert.phi(s, rec.params, rec.next_params, q0, q1, out=phi_out)
-                        phi = blocks.sort_into(phi_out, A)
-                else:
-                    cert.phi(s, rec.params, rec.next_params, q0, q1, out=phi_out)
-                    phi = blocks.sort_into(phi_out, phi_sorted)
-                q1 = q0
                 spec = ctx.step_spec(rec)
                 co = ctx.coefficients(rec)
                 Pv = ctx.sorted64(co.P)
                 e = ctx.sorted64(co.e) if co.e is not None else None
                 w64 = ctx.sorted64(rec.params)
-                # the entries that contract φ_s with flat vectors (before φ_s may become Ã_s in place)
+                # the flat vectors φ_s and Ã_s are contracted with (none of them depends on φ_s)
                 delta = ctx.sorted64(rec.next_params) - w64
                 kept = delta + co.decoupled_wd * w64
                 on_A, on_phi = {}, {}
@@ -160,7 +147,24 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
                         on_phi["reg"] = co.coupled_wd * e * w64
                 if co.decoupled_wd:
                     on_phi["wd"] = -co.decoupled_wd * w64
-                dphi = _contract(blocks, phi, on_phi)
+                # φ̂_s, and its contractions with on_phi from the certificate's own float64 pass
+                # over it when its columns are already in the blocks' order
+                fuse = blocks.perm is None
+                kw = {"on_phi": torch.stack(list(on_phi.values()), 1)} if fuse else {}
+                nxt = (cur + 1) % len(A_bufs)
+                A = A_bufs[nxt]
+                if overlap and phi_out is None:
+                    got = cert.phi(s, rec.params, rec.next_params, q0, q1, out=A, **kw)
+                else:
+                    got = cert.phi(s, rec.params, rec.next_params, q0, q1, out=phi_out, **kw)
+                phi, phi_dots = got if fuse else (got, None)
+                if phi is not A:
+                    phi = blocks.sort_into(phi, A if overlap else phi_sorted)
+                q1 = q0
+                if fuse:
+                    dphi = {name: phi_dots[:, :, j].cpu() for j, name in enumerate(on_phi)}
+                else:  # before φ_s may become Ã_s in place
+                    dphi = _contract(blocks, phi, on_phi)
                 e_phi = torch.mul(phi, e.to(ctx.dtype)) if e is not None else None
                 # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1} (in the other buffer when double-buffered)
                 if phi is A:  # φ_s sits in that buffer: scale it in place
@@ -241,8 +245,11 @@ def data_entries(
     terms and ``[R, C, b * n_terms]`` entries. With few tangents (rows x components,
     ``ctx.train_jvp``) the entries are forward-mode directional derivatives of the
     per-example losses, so no ``b x P`` per-example gradients are formed; otherwise the
-    per-example gradients are flattened once in the working dtype and contracted with ``G``
-    in one GEMM per component block (:meth:`~explaind_tl.contraction.Blocks.gram`).
+    per-example gradients are contracted with ``G`` one parameter at a time, one GEMM per
+    parameter and component block it meets (:meth:`~explaind_tl.contraction.Blocks.gram_pieces`,
+    no ``[b, P]`` concatenation), or, when the components are permuted into blocks, flattened
+    once in the working dtype, sorted and contracted in one GEMM per block
+    (:meth:`~explaind_tl.contraction.Blocks.gram`).
     """
     R, C = G.shape[0], ctx.n_comp
     if ctx.train_jvp:
@@ -258,8 +265,13 @@ def data_entries(
             else:
                 yield cid, dots.reshape(R, C, -1)
         return
+    slices = ctx.layout.slices
     for start in range(0, len(ids), ctx.train_chunk):
         cid = ids[start : start + ctx.train_chunk]
         tb = {kk: v.to(ctx.device) for kk, v in ctx.traj.batch(cid).items()}
-        grads = ctx.blocks.sort(ctx.layout.flatten(lossf.per_example_grad(w_work, tb), lead=1, dtype=ctx.dtype))
-        yield cid, ctx.blocks.gram(G, grads)
+        grads = lossf.per_example_grad(w_work, tb)
+        if ctx.blocks.perm is None:  # each parameter's block of gradients as it is: no [b, P] copy
+            yield cid, ctx.blocks.gram_pieces(G, [(slices[n].start, grads[n].reshape(len(cid), -1))
+                                                   for n in ctx.layout.names])
+        else:
+            yield cid, ctx.blocks.gram(G, ctx.blocks.sort(ctx.layout.flatten(grads, lead=1, dtype=ctx.dtype)))

@@ -75,3 +75,45 @@ def test_dot_and_magnitude_matches_oracle(dtype, monkeypatch):
     assert_close_scaled(att, M64 @ v, k=1e-13)
     assert_close_scaled(mag, M64.abs() @ v.abs(), k=1e-13)
     assert bool((mag >= att.abs()).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dot_and_magnitude_with_vectors_matches_blocks_dots(dtype, monkeypatch):
+    """The certificate's pass with the sweep's vectors: the same per-component float64 dots as
+    the oracle, from row chunks smaller than the matrix; refused for permuted blocks, whose
+    columns are not in the matrix's order."""
+    monkeypatch.setattr(contraction, "CHUNK_BYTES", 8 * 150)
+    g = torch.Generator().manual_seed(2)
+    P, R, K, C = 120, 9, 3, 3
+    index = torch.cat([torch.full((n,), c) for c, n in [(0, 30), (1, 50), (0, 10), (2, 30)]])
+    blocks = Blocks.from_index(index, P, C)
+    assert blocks.perm is None
+    M = torch.randn(R, P, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(P, generator=g, dtype=torch.float64)
+    V = torch.randn(P, K, generator=g, dtype=torch.float64)
+    att, mag, dots = dot_and_magnitude(M, v, blocks, V)
+    assert dots.shape == (R, C, K) and dots.dtype == torch.float64
+    assert_close_scaled(dots, _oracle_dots(M, V, index, C), k=1e-13)
+    att0, mag0 = dot_and_magnitude(M, v)
+    assert torch.equal(att, att0) and torch.equal(mag, mag0)
+    interleaved = Blocks.from_index(torch.arange(P) % C, P, C)
+    assert interleaved.perm is not None
+    with pytest.raises(ValueError, match="without a permutation"):
+        dot_and_magnitude(M, v, interleaved, V)
+
+
+@pytest.mark.parametrize("kind", ["runs", "single"])
+def test_gram_pieces_equals_gram_of_the_concatenation(kind):
+    """Per-parameter pieces of G (cut where no block boundary falls, and across blocks) give the
+    gram of the whole G; refused for permuted blocks."""
+    g = torch.Generator().manual_seed(4)
+    P, R, B, C = 150, 6, 5, 3
+    index = torch.cat([torch.full((n,), c) for c, n in [(0, 40), (1, 35), (2, 45), (0, 30)]]) if kind == "runs" else None
+    blocks = Blocks.from_index(index, P, C if index is not None else 1)
+    M = torch.randn(R, P, generator=g)
+    G = torch.randn(B, P, generator=g)
+    cuts = [0, 7, 40, 41, 100, 150]
+    pieces = [(a, G[:, a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
+    assert_close_scaled(blocks.gram_pieces(M, pieces), blocks.gram(M, G), k=1e-6)
+    with pytest.raises(ValueError, match="without a permutation"):
+        Blocks.from_index(torch.arange(P) % C, P, C).gram_pieces(M, pieces)

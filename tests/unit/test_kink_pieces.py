@@ -111,3 +111,6 @@ def test_jacobian_calls_cover_every_query_within_cap_and_padding():
     # one query with many pieces among many with one: padding them all would cost 5x, so it goes alone
     split = jacobian_calls(torch.tensor([1] * 19 + [9]), 64, 4.0)
     assert [c.tolist() for c in split] == [list(range(19)), [19]]
+    # more queries than the cap: as many calls as the cap needs, of even sizes
+    assert [len(c) for c in jacobian_calls(torch.ones(20, dtype=torch.long), 14)] == [10, 10]
+    assert [len(c) for c in jacobian_calls(torch.ones(21, dtype=torch.long), 10)] == [7, 7, 7]

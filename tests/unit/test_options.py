@@ -18,7 +18,7 @@ def test_defaults_are_explains_documented_defaults():
     o = ExplainOptions()
     assert (o.tol, o.nodes, o.max_nodes, o.kink_aware, o.adaptive_nodes) == (1e-6, 2, 32, "auto", True)
     assert (o.dtype, o.fast_forward, o.train_grads, o.query_grads) == (None, True, "auto", "auto")
-    assert (o.query_chunk, o.train_chunk, o.jacobian_mb) == (None, 256, 64.0)
+    assert (o.query_chunk, o.train_chunk, o.jacobian_mb) == (None, 256, 16.0)
     # every option is also a keyword of explain (defaulting to "take it from options")
     params = inspect.signature(explain).parameters
     for f in dataclasses.fields(ExplainOptions):
