@@ -10,9 +10,10 @@ Sub-commands:
   change on generated sequences, explain it per step x head and per training sequence, and write
   a report directory.
 * ``explaind-tl faithfulness --study grokking|induction [--config tiny|default] [--out DIR]
-  [--subsets M] [--drops 0.5,0.05] [--steps N] [--queries N]`` — the linear datamodeling score
-  of ExPLAIND's train axis, TracIn and the final gradient dot against retraining on random
-  subsets.
+  [--subsets M] [--drops 0.5,0.05] [--steps N] [--queries N] [--datamodel K]`` — the linear
+  datamodeling score of ExPLAIND's train axis, TracIn, the final gradient dot and the exact
+  metagradient against retraining on random subsets (with ``--datamodel``, also the ceiling of
+  any additive score: a linear datamodel fitted on K more retrainings).
 * ``explaind-tl report DIR`` — rewrite ``report.md`` and the figures of an existing grokking study.
 * ``explaind-tl migrate PATH [PATH ...]`` — convert run directories (or explain resume
   directories) written before format version 2, in place; only for directories you trust
@@ -132,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, default=None, help="train this many steps instead of the preset's")
     f.add_argument("--queries", type=int, default=None, help="held-out queries (default 16)")
     f.add_argument("--seed", type=int, default=0, help="seed of the subsets")
+    f.add_argument("--datamodel", type=int, default=0, metavar="K",
+                   help="also fit a linear datamodel on K more retrainings per drop fraction: the ceiling of any "
+                   "additive score (default 0: off; K several times the training-set size)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     r = sub.add_parser("report", help="rewrite report.md and figures of an existing grokking study directory")
     r.add_argument("out", help="study directory")
@@ -231,10 +235,13 @@ def _faithfulness(args: argparse.Namespace) -> int:
     if args.subsets < 3 or not all(0 < d < 1 for d in drops):
         print("--subsets must be >= 3 and every drop fraction in (0, 1)", file=sys.stderr)
         return 2
+    if args.datamodel != 0 and args.datamodel < 3:
+        print("--datamodel must be 0 (off) or >= 3 retrainings", file=sys.stderr)
+        return 2
     out = Path(args.out or f"runs/faithfulness-{args.study}-{args.config}")
     t0 = time.perf_counter()
     res = run_faithfulness(args.study, args.config, out, subsets=args.subsets, drops=drops, n_queries=args.queries,
-                           steps=args.steps, seed=args.seed, progress=not args.quiet)
+                           steps=args.steps, seed=args.seed, progress=not args.quiet, datamodel=args.datamodel)
     for frac, block in res["lds_by_fraction"].items():
         for m, b in block.items():
             print(f"  drop {frac:<5} {m:<12} LDS {b['mean']:+.3f}  [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}]")

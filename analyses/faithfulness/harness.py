@@ -13,6 +13,12 @@ Cost: recording once, scoring (the train-axis explain; TracIn's per-step query g
 recorded run, so the default ``M=64`` with two fractions is 128 training runs. Fewer steps
 (``--steps``) or subsets (``--subsets``) trade precision of the LDS (its interval widens as
 ``1/sqrt(M)`` per query) for time.
+
+With ``datamodel=K``, each drop fraction also retrains ``K`` further subsets (drawn with another
+seed) and fits a linear datamodel to them (:func:`.lds.fit_datamodel`), scored on the same
+evaluation subsets as the methods: the empirical ceiling of any score that predicts by summing
+per-example contributions. It costs ``K`` more retrainings per fraction; ``K`` several times
+the number of training examples is what makes the fit meaningful.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .lds import lds, random_subsets
+from .lds import fit_datamodel, lds, random_subsets
 from .methods import METHODS, scores
 
 __all__ = ["Study", "prepare_study", "run_faithfulness"]
@@ -90,20 +96,23 @@ def query_outputs(traj: Any, params: dict, queries: dict, metric: str, position:
 def run_faithfulness(
     study: str, config: str, out: str | Path, *, subsets: int = 64, drops: tuple[float, ...] = (0.5, 0.05),
     methods: tuple[str, ...] = METHODS, n_queries: int | None = None, steps: int | None = None, seed: int = 0,
-    progress: bool = True, ablation: bool = True, pruning: bool = True,
+    progress: bool = True, ablation: bool = True, pruning: bool = True, datamodel: int = 0,
 ) -> dict:
     """Record, score, retrain and measure (see the module docstring); with ``ablation``, also
     the head-ablation curves of :mod:`.ablation`; with ``pruning``, the parameter-pruning curves
-    of :mod:`.pruning`. Returns the JSON written."""
+    of :mod:`.pruning`; with ``datamodel`` > 0, the linear-datamodel ceiling fitted on that many
+    more retrainings per drop fraction. Returns the JSON written."""
     from tqdm.auto import tqdm
 
     from explaind_tl.run.retrain import retrain
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or subsets < 3 or not drops:
         raise ValueError(f"methods from {METHODS}, subsets >= 3 and at least one drop fraction (got {methods}, {subsets}, {drops})")
+    if isinstance(datamodel, bool) or not isinstance(datamodel, int) or not (datamodel == 0 or datamodel >= 3):
+        raise ValueError(f"datamodel must be 0 (off) or an int >= 3 retrainings, got {datamodel!r}")
+    out.mkdir(parents=True, exist_ok=True)
     st = prepare_study(study, config, out, n_queries, steps, progress)
     traj = st.trajectory
     timings: dict[str, float] = {"train": st.train_seconds}
@@ -114,15 +123,28 @@ def run_faithfulness(
         timings[f"score_{m}"] = time.perf_counter() - t0
     by_fraction: dict[str, dict] = {}
     t0 = time.perf_counter()
+    def outputs(keep: torch.Tensor, desc: str) -> torch.Tensor:
+        return torch.stack([
+            query_outputs(traj, retrain(traj, keep[r]), st.queries, st.metric, st.position)
+            for r in tqdm(range(len(keep)), desc=desc, disable=not progress)
+        ])
+
+    fit_seconds = 0.0
     for j, drop in enumerate(drops):
         keep = random_subsets(traj.num_train, subsets, drop, seed + 1000 * j)
-        actual = torch.stack([
-            query_outputs(traj, retrain(traj, keep[r]), st.queries, st.metric, st.position)
-            for r in tqdm(range(subsets), desc=f"retrain (drop {drop:g})", disable=not progress)
-        ])
+        actual = outputs(keep, f"retrain (drop {drop:g})")
         by_fraction[f"{drop:g}"] = {m: {**lds(method_scores[m], keep, actual, seed=seed), "drop_fraction": drop}
                                     for m in methods}
-    timings["retrain"] = time.perf_counter() - t0
+        if datamodel:
+            t1 = time.perf_counter()
+            keep_fit = random_subsets(traj.num_train, datamodel, drop, seed + 1000 * j + 500)
+            theta = fit_datamodel(keep_fit, outputs(keep_fit, f"datamodel fit (drop {drop:g})"))
+            by_fraction[f"{drop:g}"]["datamodel"] = {**lds(theta, keep, actual, seed=seed), "drop_fraction": drop,
+                                                     "n_fit": datamodel}
+            fit_seconds += time.perf_counter() - t1
+    timings["retrain"] = time.perf_counter() - t0 - fit_seconds
+    if datamodel:
+        timings["datamodel"] = fit_seconds
     ablation_block = None
     if ablation:
         from .ablation import run_ablation

@@ -5,6 +5,12 @@ For ``M`` random subsets of the training set (``keep [M, N]`` bool), a method's 
 of a query is the Spearman rank correlation, over the subsets, of the predicted with the actual
 outputs of models retrained on those subsets; a method's LDS is the mean over queries, with a
 bootstrap 95% interval over queries.
+
+:func:`fit_datamodel` is the empirical ceiling of every such score: the additive model of the
+outputs fitted on retrainings of *other* subsets (a linear datamodel), scored on the same
+evaluation subsets. No method that predicts by summing per-example scores can be expected to
+do much better where the fitted model, given many more retrainings than there are examples,
+does not.
 """
 
 from __future__ import annotations
@@ -76,3 +82,31 @@ def lds(scores: Tensor, keep: Tensor, actual: Tensor, seed: int = 0) -> dict:
     ok = per_q[~torch.isnan(per_q)]
     return {"mean": float(ok.mean()) if len(ok) else float("nan"), "ci95": [lo, hi],
             "per_query": per_q.tolist(), "n_subsets": int(keep.shape[0]), "n_queries": int(actual.shape[1])}
+
+
+def fit_datamodel(keep: Tensor, actual: Tensor, ridge: float = 1e-2) -> Tensor:
+    """``[N, Q]`` scores of a linear datamodel: per query, the ridge regression of the retrained
+    outputs on the keep indicators.
+
+    Args:
+        keep: ``[M, N]`` bool, the fitting subsets (not the ones the scores are evaluated on).
+        actual: ``[M, Q]`` outputs of the models retrained on them.
+        ridge: the ridge penalty relative to the indicators' mean variance (examples never
+            left out get a score of 0).
+
+    Returns:
+        Scores in the units of :func:`predictions`: ``keep @ scores`` predicts the outputs up to
+        a constant per query, which Spearman's correlation ignores. When every subset leaves
+        the same number out (:func:`random_subsets`), the scores themselves are determined only
+        up to a constant per query; the ridge picks the smallest.
+    """
+    if keep.dim() != 2 or actual.dim() != 2 or keep.shape[0] != actual.shape[0]:
+        raise ValueError(f"keep [M, N] and actual [M, Q] with the same M, got {tuple(keep.shape)} and {tuple(actual.shape)}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    X = keep.to(torch.float64)
+    Xc = X - X.mean(0)
+    yc = actual.to(torch.float64) - actual.to(torch.float64).mean(0)
+    scale = float(Xc.pow(2).mean(0).mean()) * X.shape[0]
+    A = Xc.T @ Xc + max(ridge * scale, torch.finfo(torch.float64).tiny) * torch.eye(X.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(A, Xc.T @ yc)

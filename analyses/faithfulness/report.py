@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 NAMES = {"explaind_tl": "ExPLAIND train axis", "tracin": "TracIn (every step)", "grad_dot": "final gradient dot",
-         "metagradient": "exact metagradient"}
+         "metagradient": "exact metagradient", "datamodel": "linear datamodel (ceiling)"}
 
 
 def compare(a: dict, b: dict) -> str:
@@ -136,12 +136,21 @@ def write_report(out: str | Path, result: dict) -> Path:
         for m, b in block.items():
             lines.append(f"| {f} | {NAMES.get(m, m)} | {b['mean']:.3f} | [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] |")
     lines += ["", f"![{fig}]({fig})", ""]
+    ceilings = [(f, block["datamodel"]) for f, block in result["lds_by_fraction"].items() if "datamodel" in block]
+    if ceilings:
+        lines += ["**Ceiling.** The linear datamodel is fitted to retrainings of other random subsets (" + ", ".join(
+            f"{b['n_fit']} at drop {f}" for f, b in ceilings) + ", for "
+            f"{result['num_train']} training examples) and scored on the same subsets as the methods: the best "
+            "a score that sums per-example contributions does here, " + ", ".join(
+            f"{b['mean']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] at drop {f}" for f, b in ceilings)
+            + ". Where it is low, the retrained outputs are not additive in the examples left out, and no "
+            "such score can predict them.", ""]
     verdicts = []
     for f, block in result["lds_by_fraction"].items():
         if "explaind_tl" not in block:
             continue
         for m, b in block.items():
-            if m != "explaind_tl":
+            if m not in ("explaind_tl", "datamodel"):
                 verdicts.append(f"at drop {f} it {compare(block['explaind_tl'], b)} against {NAMES.get(m, m)} "
                                 f"({block['explaind_tl']['mean']:.3f} vs {b['mean']:.3f})")
     if verdicts:
@@ -151,7 +160,7 @@ def write_report(out: str | Path, result: dict) -> Path:
         f"at drop {f} it {compare(block['metagradient'], b)} against {NAMES.get(m, m)} "
         f"({block['metagradient']['mean']:.3f} vs {b['mean']:.3f})"
         for f, block in result["lds_by_fraction"].items() if "metagradient" in block
-        for m, b in block.items() if m not in ("metagradient", "explaind_tl")
+        for m, b in block.items() if m not in ("metagradient", "explaind_tl", "datamodel")
     ]
     if meta_verdicts:
         lines += ["**Where the exact metagradient stands** (the derivative of the final output with respect to a "
@@ -162,6 +171,6 @@ def write_report(out: str | Path, result: dict) -> Path:
         lines += _pruning(out, result["pruning"])
     lines += [f"Time: training {s['train']:.1f} s; " + ", ".join(
         f"{k[6:]} scores {v:.1f} s" for k, v in s.items() if k.startswith("score_")) + f"; retraining {s['retrain']:.1f} s"
-        + "".join(f"; {k} {s[k]:.1f} s" for k in ("ablation", "pruning") if k in s) + ".", ""]
+        + "".join(f"; {k} {s[k]:.1f} s" for k in ("datamodel", "ablation", "pruning") if k in s) + ".", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"

@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import modular_data, tiny_model
+from conftest import assert_close_scaled, modular_data, tiny_model
 
 from analyses.faithfulness.lds import (
     bootstrap_mean_ci,
+    fit_datamodel,
     lds,
     predictions,
     random_subsets,
@@ -101,6 +102,43 @@ def test_lds_on_constructed_outputs():
         random_subsets(n, m, 1.0, seed=0)
 
 
+def test_datamodel_recovers_an_additive_response_and_not_an_interaction():
+    """The fitted datamodel, scored on held-out subsets: an additive response is recovered (its
+    scores up to noise, LDS near 1); a response that is an interaction of pairs of examples
+    (which pair is left out, not how many) has no additive part, and the ceiling says so."""
+    n, q = 30, 4
+    g = torch.Generator().manual_seed(3)
+    truth = torch.randn(n, q, generator=g, dtype=torch.float64)
+    fit, ev = random_subsets(n, 400, 0.1, seed=1), random_subsets(n, 64, 0.1, seed=2)
+    y = predictions(truth, fit) + 1e-3 * torch.randn(400, q, generator=g, dtype=torch.float64)
+    theta = fit_datamodel(fit, y)
+    # every subset leaves the same number out, so scores are determined up to a constant per query
+    assert_close_scaled(theta - theta.mean(0), truth - truth.mean(0), k=0.05)
+    assert lds(theta, ev, predictions(truth, ev))["mean"] > 0.95
+    # interaction: +1 when both examples of one of the pairs (0, 1), (2, 3), ... are left out together,
+    # -1 when exactly one of them is: symmetric in the pair, so no single example carries it
+    def pairs(keep):
+        drop = (~keep).to(torch.float64)
+        both = (drop[:, 0::2] * drop[:, 1::2]).sum(1)
+        one = ((drop[:, 0::2] + drop[:, 1::2]) == 1).to(torch.float64).sum(1)
+        return (both - 0.2 * one)[:, None].expand(-1, q) * torch.linspace(1, 2, q, dtype=torch.float64)
+    theta_i = fit_datamodel(fit, pairs(fit))
+    assert abs(lds(theta_i, ev, pairs(ev))["mean"]) < 0.3
+    with pytest.raises(ValueError, match="same M"):
+        fit_datamodel(fit, y[:10])
+    with pytest.raises(ValueError, match="ridge"):
+        fit_datamodel(fit, y, ridge=-1.0)
+
+
+@pytest.mark.parametrize("bad", [2, True, 1.5, -1])
+def test_faithfulness_refuses_a_bad_datamodel_count_before_any_work(tmp_path, bad):
+    from analyses.faithfulness.harness import run_faithfulness
+
+    with pytest.raises(ValueError, match="datamodel must be"):
+        run_faithfulness("induction", "tiny", tmp_path / "never", datamodel=bad)
+    assert not (tmp_path / "never").exists()
+
+
 def test_compare_uses_interval_overlap():
     assert compare({"ci95": [0.5, 0.7]}, {"ci95": [0.1, 0.4]}) == "wins"
     assert compare({"ci95": [0.1, 0.4]}, {"ci95": [0.5, 0.7]}) == "loses"
@@ -112,18 +150,20 @@ def test_faithfulness_command_on_the_tiny_induction_study(tmp_path, capsys):
 
     out = tmp_path / "faith"
     assert main(["faithfulness", "--study", "induction", "--out", str(out), "--subsets", "5", "--queries", "4",
-                 "--quiet"]) == 0
+                 "--datamodel", "6", "--quiet"]) == 0
     assert "LDS" in capsys.readouterr().out
     res = json.loads((out / "faithfulness.json").read_text())
     assert set(res["lds_by_fraction"]) == {"0.5", "0.05"} and res["lds"] == res["lds_by_fraction"]["0.5"]
     for block in res["lds_by_fraction"].values():
-        assert set(block) == {"explaind_tl", "tracin", "grad_dot", "metagradient"}
+        assert set(block) == {"explaind_tl", "tracin", "grad_dot", "metagradient", "datamodel"}
+        assert block["datamodel"]["n_fit"] == 6
         for b in block.values():
             assert b["n_subsets"] == 5 and b["n_queries"] == 4 and len(b["ci95"]) == 2
             assert -1.0 <= b["mean"] <= 1.0
     report = (out / "report.md").read_text()
     assert "| 0.05 | ExPLAIND train axis |" in report and (out / "lds.png").stat().st_size > 1000
     assert "| 0.05 | exact metagradient |" in report and "Where the exact metagradient stands" in report
+    assert "**Ceiling.**" in report and "6 at drop 0.05" in report and "datamodel" in res["seconds"]
     abl = res["ablation"]
     assert set(abl) == {"explaind_tl", "attribution_patching", "weight_norm", "random"}
     units = ["L0H0", "L0H1", "L1H0", "L1H1", "embed", "pos_embed"]  # tiny induction: attention-only, 2 x 2 heads
@@ -140,6 +180,7 @@ def test_faithfulness_command_on_the_tiny_induction_study(tmp_path, capsys):
         assert len(pr[name]["accuracy"]) == len(pr[name]["agreement"]) == 6
     assert "## Parameter pruning" in report and (out / "pruning.png").stat().st_size > 1000
     assert main(["faithfulness", "--study", "induction", "--out", str(out), "--subsets", "2"]) == 2
+    assert main(["faithfulness", "--study", "induction", "--out", str(out), "--datamodel", "2"]) == 2
 
 
 def _flat_grad(model, scalar):
