@@ -110,12 +110,11 @@ class Blocks:
         V = V.to(M.device, torch.float64)
         cols = [V[:, k].contiguous() for k in range(K)]
         out = torch.zeros(K, self.n_comp, R, dtype=torch.float64, device=M.device)
+        if M.dtype == torch.float64:  # read as it is
+            self.dots_of_rows(M, cols, out)
+            return out.permute(2, 1, 0)
         buf = None
         for s, e, c in zip(self.starts, self.ends, self.comps):
-            if M.dtype == torch.float64:
-                for k in range(K):
-                    out[k, c] += M[:, s:e] @ cols[k][s:e]
-                continue
             rows = max(1, min(R, CHUNK_BYTES // (8 * max(e - s, 1))))
             if buf is None or buf.numel() < rows * (e - s):
                 buf = torch.empty(rows * (e - s), dtype=torch.float64, device=M.device)
@@ -128,8 +127,8 @@ class Blocks:
 
     def dots_of_rows(self, chunk: Float[Tensor, "row param"], cols: list[Tensor], out: Float[Tensor, "k component row"]) -> None:
         """``out[k, c, r] += Σ_{p ∈ c} chunk[r, p] cols[k][p]`` (float64 ``chunk`` of full rows, in
-        the blocks' order): what :meth:`dots` adds for those rows, for a caller that already holds
-        them converted (:func:`dot_and_magnitude`)."""
+        the blocks' order): :meth:`dots` of float64 rows, for :meth:`dots` itself and for a caller
+        that already holds them converted (:func:`dot_and_magnitude`)."""
         for s, e, c in zip(self.starts, self.ends, self.comps):
             for k, col in enumerate(cols):
                 out[k, c] += chunk[:, s:e] @ col[s:e]

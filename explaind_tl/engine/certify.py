@@ -75,7 +75,8 @@ def jacobian_calls(counts: Tensor, cap: int, waste: float = PAD_WASTE) -> list[T
     n = len(counts)
     if n <= cap and int(counts.max()) * n <= waste * int(counts.sum()):
         return [torch.arange(n)]
-    cap = -(-n // -(-n // cap))
+    n_calls = -(-n // cap)  # ceil: the fewest calls the cap allows
+    cap = -(-n // n_calls)  # and an even share of the queries for each
     calls, cur, real = [], [], 0
     for q in torch.argsort(counts, stable=True).tolist():
         c = int(counts[q])  # the largest so far in this run
