@@ -18,7 +18,10 @@ for ``explain(traj, queries, metric="logits", by=("query", "output", "train"))``
   the outputs;
 * **peak RSS** of a fresh process that loads the run and explains it (``VmHWM``: imports,
   model and run included, what ``ru_maxrss`` of the reference's own script reports), and of
-  one that only imports and loads (so explain's own share can be read off).
+  one that only imports and loads (so explain's own share can be read off);
+* the kernel once more with ``replay_mb=8`` at 1 thread (``lowmem``: checkpoint segments
+  replayed in sub-segments, one more replay of each for ~15 MB less; with 2 threads that is the
+  default, ``replay_mb="auto"``).
 
 With ``--scaling``, the same for queries x outputs doubling (10, 20, 40 queries) and the
 training set doubling (75, 150, 300 examples), so the cost can be read as linear or not.
@@ -68,6 +71,8 @@ def record(n_train: int, run_dir: Path) -> tuple[Any, dict, float]:
 CASES = {
     "kernel": dict(metric="logits", by=("query", "output", "train")),
     "binned": dict(metric="correct_logprob", by=("step", "train", "query"), step_bins=BIN),
+    # the 1-thread default replays whole segments; this trades one more replay for ~15 MB
+    "lowmem": dict(metric="logits", by=("query", "output", "train"), replay_mb=8.0),
 }
 
 
@@ -142,6 +147,8 @@ def run(args: argparse.Namespace) -> dict:
               f"{out['baseline_mb']:.0f} MB")
         for case in args.cases:
             for threads in args.thread_list:
+                if case == "lowmem" and threads > 1:  # replay_mb="auto" is 8 MB with a spare core already
+                    continue
                 row = time_case(traj, q, case, threads)
                 row["train_s"], row["ratio"] = train_s, row["explain_s"] / train_s
                 row["peak_mb"] = peak_rss(tmp / "run", case, N_QUERIES, threads)["peak_kb"] / 1024
@@ -170,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c], default=["kernel", "binned"])
+    ap.add_argument("--cases", type=lambda s: [c for c in s.split(",") if c], default=["kernel", "lowmem", "binned"])
     ap.add_argument("--threads", dest="thread_list", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                     help="explain thread counts to time (training is always 1 thread)")
     ap.add_argument("--scaling", action="store_true", help="also the queries x outputs and N_train doubling table")

@@ -75,6 +75,7 @@ def explain(
     query_chunk: int | None = UNSET,
     train_chunk: int = UNSET,
     jacobian_mb: float = UNSET,
+    replay_mb: float | str | None = UNSET,
     progress: bool = True,
     resume_dir: str | Path | None = None,
     fast_forward: bool = UNSET,
@@ -150,7 +151,13 @@ def explain(
             chunk of per-example gradients.
         jacobian_mb: the most megabytes of per-query Jacobians (``[queries, outputs, P]``) one
             call holds (default 16); a chunk with more queries takes several calls of even sizes. Lower saves
-            peak memory at some per-call cost.
+            peak memory at some per-call cost. On the train axis with per-query rows and one
+            thread, a chunk is one call, folded into the adjoint as soon as it is certified.
+        replay_mb: the most megabytes of replayed step records (parameters and optimizer
+            state) the train-axis sweep holds; a longer checkpoint segment is replayed in
+            sub-segments of ``ceil(sqrt(n))`` steps after one more replay of it (one training
+            step per step more). ``"auto"`` (default): 8 with more than one thread (the replay
+            runs on the spare core), else whole segments; ``None``: whole segments.
         progress: show tqdm progress bars.
         resume_dir: persist partial sums after every checkpoint segment and continue from them
             (with several processes, one subdirectory ``shard-R-of-N`` per shard)
@@ -180,7 +187,7 @@ def explain(
             ``.attribution``) instead of warning when the certificate fails.
         options: the numerical options (``tol``, ``nodes``, ``max_nodes``, ``kink_aware``,
             ``adaptive_nodes``, ``dtype``, ``fast_forward``, ``train_grads``, ``query_grads``,
-            ``query_chunk``, ``train_chunk``, ``jacobian_mb``) as one
+            ``query_chunk``, ``train_chunk``, ``jacobian_mb``, ``replay_mb``) as one
             :class:`~explaind_tl.engine.options.ExplainOptions`; any of those keywords given as
             well replaces its field. Defaults: ``ExplainOptions()``, i.e. the values listed here.
         world_size: split the work over this many processes (``torch.distributed``, gloo): with
@@ -231,7 +238,7 @@ def explain(
     opts = ExplainOptions.merge(
         options, tol=tol, nodes=nodes, max_nodes=max_nodes, kink_aware=kink_aware, adaptive_nodes=adaptive_nodes,
         dtype=dtype, fast_forward=fast_forward, train_grads=train_grads, query_grads=query_grads,
-        query_chunk=query_chunk, train_chunk=train_chunk, jacobian_mb=jacobian_mb,
+        query_chunk=query_chunk, train_chunk=train_chunk, jacobian_mb=jacobian_mb, replay_mb=replay_mb,
     )
     check_flag("trust_remote_code", trust_remote_code)
     world_size, threads = distributed.check_arguments(world_size, split, gather, threads_per_worker)

@@ -16,6 +16,7 @@ step of each chunk starts with.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float
@@ -379,7 +380,8 @@ class Certifier:
         vectors: Tensor | None = None,
         out: Tensor | None = None,
         on_phi: Tensor | None = None,
-    ) -> Float[Tensor, "row param_or_vector"] | tuple[Float[Tensor, "row param"], Float[Tensor, "row component k"]]:
+        sink: Callable[[slice, Tensor], None] | None = None,
+    ) -> Float[Tensor, "row param_or_vector"] | tuple[Float[Tensor, "row param"] | None, Float[Tensor, "row component k"]]:
         """``φ̂_s`` for all rows, refined against the certificate; records nodes, measured and
         attributed change and the bound the residual was compared against (``step_bound``: the
         last :func:`residual_tolerance` of each chunk, summed over chunks; a chunk that stops
@@ -397,11 +399,18 @@ class Certifier:
         without a permutation), returns ``(φ̂_s, dots)`` with ``dots [rows, C, K]`` the
         per-component float64 contractions of the accepted ``φ̂_s`` with each column, computed
         in the certificate's own pass over ``φ̂_s`` (one float64 conversion for both).
+
+        With ``sink`` (per-query rows, no ``vectors``), ``out`` is a scratch buffer of at least
+        one chunk's rows: each chunk's accepted rows are computed there and handed to
+        ``sink(rows, φ̂_rows)`` before the next chunk overwrites them, so ``φ̂_s`` is never held
+        whole; the returned ``φ̂_s`` is then ``None``.
         """
         plan = self.ctx.plan
         blocks = self.ctx.blocks
         if on_phi is not None and (vectors is not None or blocks.perm is not None):
             raise ValueError("on_phi needs feature rows (no vectors) and component blocks without a permutation")
+        if sink is not None and (vectors is not None or out is None or not plan.resolve_query):
+            raise ValueError("sink needs per-query feature rows (no vectors) and a scratch buffer (out)")
         if s % RESTART_EVERY == 0:  # the node controller starts afresh (see RESTART_EVERY)
             self.start_nodes.clear()
             self.cooldown.clear()
@@ -435,9 +444,11 @@ class Certifier:
             floor = plan.rows(sc, idx)
             n0 = n = self.start_nodes.get(int(idx[0]), self.nodes)
             att_prev, worst_prev, stalls = None, math.inf, 0
+            # per-query rows are written in place: into φ̂'s own rows, or with a sink into the scratch
+            target = (phi[: rs.stop - rs.start] if sink is not None else phi[rs]) if in_place else None
             while True:
                 self.kinks_seen[s] = 0
-                part = self._phi_chunk(s, w, delta, idx, n, ends, tangents, out=phi[rs] if in_place else None)
+                part = self._phi_chunk(s, w, delta, idx, n, ends, tangents, out=target)
                 if tangents is None:
                     att, mag, *part_dots = dot_and_magnitude(part, dflat, *fused)
                 else:
@@ -465,7 +476,7 @@ class Certifier:
                 # rounding of φ̂'s entries, does not cover: the chunk once more in float64, with
                 # the same nodes and pieces, stored where the float32 one was.
                 part, att, mag, *part_dots = self._phi_float64(s, w_s, delta64, idx, n, ends, vectors,
-                                                               phi[rs] if in_place else None, dflat, fused)
+                                                               target, dflat, fused)
                 res = (meas - att).abs()
                 bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps, floor)
                 self.float64_steps[s] = True
@@ -475,6 +486,8 @@ class Certifier:
             n_max = max(n_max, n)
             if not in_place:
                 phi[rs] += part
+            elif sink is not None:
+                sink(rs, part)
             if dots is not None:
                 dots[rs] += part_dots[0]
             measured[rs] += meas.cpu()
@@ -484,6 +497,8 @@ class Certifier:
         self.step_measured[s] = measured
         self.step_attributed[s] = attributed
         self.step_bound[s] = bounds
+        if sink is not None:
+            phi = None
         return phi if dots is None else (phi, dots)
 
     def _phi_float64(self, s: int, w_s: Params, delta64: Params, idx: Tensor, n: int, ends, vectors: Tensor | None,

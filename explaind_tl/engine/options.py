@@ -40,6 +40,14 @@ class _Unset:
 UNSET: Any = _Unset()
 
 
+def _check_replay_mb(x: Any) -> float | str | None:
+    if x is None or (isinstance(x, str) and x == "auto"):
+        return x
+    if isinstance(x, str):
+        raise ValueError(f"replay_mb must be a number of megabytes > 0, None or 'auto', got {x!r}")
+    return check_positive("replay_mb", x, " (or None: whole segments; 'auto')")
+
+
 @dataclass(frozen=True)
 class ExplainOptions:
     """The numerical options of :func:`explaind_tl.explain` (see its docstring for each).
@@ -65,7 +73,20 @@ class ExplainOptions:
             ``φ̂``. Lower saves memory and costs per-call overhead (about 13 ms a call on the
             kernel benchmark's model, as much as ~13 queries' Jacobians). The default, 16,
             takes the kernel benchmark's 20 queries in two calls of 10: 25 MB lower peak than
-            one call of 20, at equal or lower time (fewer fresh pages per step).
+            one call of 20, at equal or lower time (fewer fresh pages per step). On the train
+            axis with per-query rows and one thread, a query chunk is one such call (at most
+            ``query_chunk`` queries, evenly sized), and its rows of ``φ̂`` are folded into ``Ã``
+            as soon as they are certified, so ``φ̂`` is never held whole.
+        replay_mb: the most megabytes of replayed step records (each step's parameters and
+            optimizer state) the train-axis sweep holds; a checkpoint segment whose records
+            would take more is replayed in sub-segments of ``ceil(sqrt(n))`` of its ``n``
+            steps, last first, after one more replay of it that keeps only each sub-segment's
+            starting state (about ``2 sqrt(n)`` steps held instead of ``n``; bitwise the same
+            records). That costs one more training step per step of such segments: free when
+            replay runs on a spare core (more than one thread), and up to ~40% of a 1-thread
+            train-axis explain (measured on the default grokking run, ``reduce="mean"``).
+            ``None``: whole segments, whatever their size; ``"auto"`` (default): 8 with more
+            than one thread, else ``None``.
 
     Raises:
         TypeError, ValueError: a field of the wrong type or value (as ``explain`` would).
@@ -83,6 +104,7 @@ class ExplainOptions:
     query_chunk: int | None = None
     train_chunk: int = 256
     jacobian_mb: float = 16.0
+    replay_mb: float | str | None = "auto"
 
     def __post_init__(self) -> None:
         check_choice("train_grads", self.train_grads, tuple(TRAIN_GRADS))
@@ -101,6 +123,7 @@ class ExplainOptions:
             "query_chunk": None if self.query_chunk is None else check_int("query_chunk", self.query_chunk, minimum=1),
             "train_chunk": check_int("train_chunk", self.train_chunk, minimum=1),
             "jacobian_mb": check_positive("jacobian_mb", self.jacobian_mb),
+            "replay_mb": _check_replay_mb(self.replay_mb),
         }
         for name in ("fast_forward", "adaptive_nodes"):
             check_flag(name, getattr(self, name))

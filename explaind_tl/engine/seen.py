@@ -65,8 +65,11 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
     overlap = ctx.prefetch
     A_bufs = [torch.zeros(R, P, dtype=ctx.dtype, device=ctx.device) for _ in range(2 if overlap else 1)]
     cur = 0  # A_bufs[cur] holds Ã_{s+1} (blocks' order)
-    # φ̂_s as the certifier writes it (layout order), and sorted into the blocks' order
-    phi_out = None if overlap and blocks.perm is None else torch.empty(R, P, dtype=ctx.dtype, device=ctx.device)
+    # φ̂_s as the certifier writes it (layout order), and sorted into the blocks' order; streamed
+    # (ctx.stream_phi: one thread), a chunk's rows at a time, folded into Ã as each is certified
+    stream = ctx.stream_phi
+    phi_rows = ctx.query_chunk * plan.rows_per_query if stream else R
+    phi_out = None if overlap and blocks.perm is None else torch.empty(phi_rows, P, dtype=ctx.dtype, device=ctx.device)
     phi_sorted = torch.empty(R, P, dtype=ctx.dtype, device=ctx.device) if blocks.perm is not None and not overlap else None
     beta_next = 0.0  # β_{s+1} of the step after the current one (Ã_b = 0 at the window's end)
     done_before = b
@@ -116,7 +119,8 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
         cert.restore(state)
     bar = prefetch.progress_bar(progress, total=b - a, initial=b - done_before, desc="explain (train, adjoint)")
     try:
-        for seg in prefetch.prefetched(ctx.traj.segments(a, done_before, reverse=True, grads=False), ctx.prefetch):
+        segs = ctx.traj.segments(a, done_before, reverse=True, grads=False, hold=ctx.replay_hold())
+        for seg in prefetch.prefetched(segs, ctx.prefetch):
             for rec in reversed(seg):
                 s = rec.step
                 if q1 is None:
@@ -153,12 +157,25 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
                 kw = {"on_phi": torch.stack(list(on_phi.values()), 1)} if fuse else {}
                 nxt = (cur + 1) % len(A_bufs)
                 A = A_bufs[nxt]
-                if overlap and phi_out is None:
+                if stream:
+                    if e is not None:
+                        raise RuntimeError("streamed φ̂ needs an update without e_s ⊙ gt_s (not Nesterov)")
+                    Pw = Pv.to(ctx.dtype)
+
+                    def fold(rs: slice, part: Tensor, A=A, Pw=Pw, beta=beta_next, momentum=co.has_buffer) -> None:
+                        # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1}, these rows (Ã_{s+1} is in A: one buffer)
+                        if momentum:
+                            A[rs].mul_(beta).addcmul_(part, Pw)
+                        else:
+                            torch.mul(part, Pw, out=A[rs])
+
+                    got = cert.phi(s, rec.params, rec.next_params, q0, q1, out=phi_out, sink=fold, **kw)
+                elif overlap and phi_out is None:
                     got = cert.phi(s, rec.params, rec.next_params, q0, q1, out=A, **kw)
                 else:
                     got = cert.phi(s, rec.params, rec.next_params, q0, q1, out=phi_out, **kw)
                 phi, phi_dots = got if fuse else (got, None)
-                if phi is not A:
+                if not stream and phi is not A:
                     phi = blocks.sort_into(phi, A if overlap else phi_sorted)
                 q1 = q0
                 if fuse:
@@ -167,7 +184,9 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
                     dphi = _contract(blocks, phi, on_phi)
                 e_phi = torch.mul(phi, e.to(ctx.dtype)) if e is not None else None
                 # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1} (in the other buffer when double-buffered)
-                if phi is A:  # φ_s sits in that buffer: scale it in place
+                if stream:  # folded chunk by chunk already
+                    pass
+                elif phi is A:  # φ_s sits in that buffer: scale it in place
                     A.mul_(Pv.to(ctx.dtype))
                     if co.has_buffer:
                         A.add_(A_bufs[cur], alpha=beta_next)
@@ -207,7 +226,8 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
                 acc[k, :, :, col["update_residual"]] += dphi["X"] - dphi.get("reg", 0.0)
                 bar.update(1)
             done_before = seg[0].step
-            if resume is not None:
+            # partial sums persist at checkpoint steps (and the window's start), not after every sub-segment
+            if resume is not None and (done_before in ctx.checkpoints or done_before == a):
                 settle()
                 A_layout = blocks.unsort(A_bufs[cur]).to(torch.float64).cpu()
                 resume.save({"done_before": done_before, "acc": acc, "A": A_layout, **cert.snapshot()})

@@ -21,6 +21,9 @@ from explaind_tl.engine.plan import Plan
 from explaind_tl.model.functional import ParamLayout, Params, QueryFunction
 from explaind_tl.optim import buffer_after, update_coefficients_for
 
+# replay_mb="auto" with a spare core: the records budget of a train-axis sweep
+AUTO_REPLAY_MB = 8.0
+
 
 class Setup:
     """The shared state of one explain call.
@@ -72,6 +75,7 @@ class Setup:
         params0 = dict(model.named_parameters())
         self.layout = ParamLayout(tuple(self.names), tuple(params0[n].shape for n in self.names))
         self.layout_shapes = dict(zip(self.layout.names, self.layout.shapes))
+        self.run_itemsize = params0[self.names[0]].element_size()  # the replayed records' dtype
         self.fast_forward = options.fast_forward
         self.position = position
         self.qf = QueryFunction(
@@ -110,6 +114,15 @@ class Setup:
         # token terms (train_position) exist only on the forward-mode path (no [B, terms, P] block)
         self.train_jvp = plan.n_terms > 0 or plan.n_rows * self.n_comp <= TRAIN_GRADS[options.train_grads]
         self._onehot: Tensor | None = None
+        # seen clock, per-query rows, one thread: each query chunk's φ̂ rows are folded into Ã as
+        # soon as the chunk is certified (run_seen), so only a chunk's rows of φ̂ are held; a chunk
+        # is then what one per-query Jacobian call takes (evenly sized, at most jacobian_mb)
+        self.stream_phi = (plan.clock == "seen" and plan.resolve_query and not self.prefetch
+                           and self.blocks.perm is None and not self.spec.nesterov)
+        if self.stream_phi:
+            per_query = plan.rows_per_query * self.layout.numel * torch.finfo(dtype).bits // 8
+            cap = min(self.query_chunk, max(1, int(options.jacobian_mb * 2**20) // per_query))
+            self.query_chunk = -(-plan.n_query // -(-plan.n_query // cap))  # ceil(Q / ceil(Q / cap))
 
     def float64_query_function(self) -> QueryFunction:
         """The query function in float64 (its own model copies, so it never shares a module with
@@ -167,6 +180,21 @@ class Setup:
 
     def to_cert(self, d: Params) -> Params:
         return {k: d[k].to(self.device, self.qf.cert_dtype) for k in self.names}
+
+    def replay_hold(self) -> int | None:
+        """The most steps of records a reverse sweep holds before it replays a checkpoint
+        segment in sub-segments (``options.replay_mb``, ``"auto"``: :data:`AUTO_REPLAY_MB` when
+        segments are replayed on a spare core; ``None``: whole segments). A step's
+        record holds its parameters and the optimizer's per-parameter state (Adam: two
+        vectors; SGD with momentum: one), in the run's dtype."""
+        mb = self.options.replay_mb
+        if mb == "auto":  # the extra replay is free only on a spare core
+            mb = AUTO_REPLAY_MB if self.prefetch else None
+        if mb is None:
+            return None
+        spec = self.spec
+        vectors = 1 + (2 if spec.kind in ("adam", "adamw") else int(spec.momentum > 0))
+        return max(1, int(mb * 2**20) // (vectors * self.layout.numel * self.run_itemsize))
 
     def chunks(self) -> list[Tensor]:
         q = self.plan.n_query

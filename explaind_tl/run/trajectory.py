@@ -17,10 +17,10 @@ names the first step whose replayed loss differs from the recorded one).
 from __future__ import annotations
 
 import collections
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from explaind_tl.optim import (
     apply_hparams,
     build_optimizer,
     load_optimizer_state,
+    optimizer_state_to_tensors,
     spec_for_step,
     state_dict_by_key,
 )
@@ -48,76 +49,10 @@ from explaind_tl.run.format import (
     read_records,
     restore_initial,
 )
+from explaind_tl.run.records import Params, State, StepRecord, VerifyReport  # noqa: F401 (re-exported)
 from explaind_tl.run.step import deterministic_algorithms, replay_device, torch_threads, train_step
 from explaind_tl.run.trust import resolve_recorded_callable
 from explaind_tl.run.validate import read_manifest
-
-Params = dict[str, Tensor]
-State = dict[str, dict[str, Tensor]]
-
-
-@dataclass
-class StepRecord:
-    """One replayed optimizer step ``w_s -> w_{s+1}``.
-
-    Attributes:
-        step: ``s``.
-        params: ``w_s`` (copies, dtype as trained; shared with the previous record: read-only).
-        next_params: ``w_{s+1}``.
-        grad: ``g_s``: clipped mean-loss gradient the optimizer saw (before coupled L2);
-            ``{}`` from ``Trajectory.segments(..., grads=False)``.
-        state_before: Optimizer state before the step, ``{"exp_avg": {name: T}, ...}``;
-            ``{}`` before the first step (and always for plain SGD).
-        state_after: Optimizer state after the step.
-        step_count: torch's step counter after the step, ``t = s + 1``.
-        lr: Learning rate used.
-        clip_factor: ``κ_s`` (1.0 without clipping).
-        loss: Mean batch loss at ``w_s``.
-        batch_ids: ``[B]`` training-example ids.
-        spec: The optimizer spec this step used (its ``lr``, ``betas``, ``eps``,
-            ``weight_decay``, ``momentum``, ``dampening``: schedulers and hand edits change them
-            between steps); ``None`` only for records built elsewhere.
-    """
-
-    step: int
-    params: Params
-    next_params: Params
-    grad: Params
-    state_before: State
-    state_after: State
-    step_count: int
-    lr: float
-    clip_factor: float
-    loss: float
-    batch_ids: Tensor
-    spec: OptimizerSpec | None = None
-
-    @property
-    def first_step(self) -> bool:
-        """Whether this is the optimizer's first step (no state before)."""
-        return self.step_count == 1
-
-
-@dataclass
-class VerifyReport:
-    """Result of :meth:`Trajectory.verify`.
-
-    Attributes:
-        per_checkpoint: ``{checkpoint step: max abs diff}`` of replayed vs stored params and
-            optimizer state (0.0 when bitwise equal).
-        max_abs_diff: Maximum over checkpoints.
-    """
-
-    per_checkpoint: dict[int, float] = field(default_factory=dict)
-    max_abs_diff: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        """True when replay is bitwise identical at every checkpoint."""
-        return self.max_abs_diff == 0.0
-
-    def __str__(self) -> str:
-        return f"VerifyReport(ok={self.ok}, max_abs_diff={self.max_abs_diff:.3g}, checkpoints={len(self.per_checkpoint)})"
 
 
 def _clone(d: Params) -> Params:
@@ -370,20 +305,26 @@ class Trajectory:
 
     # ------------------------------------------------------------ replay
 
-    def _replay(self, start_ck: int, stop: int, capture: bool, final_only: bool = False, grads: bool = True
-                ) -> Iterator[StepRecord | tuple[int, Params, State]]:
+    def _replay(self, start_ck: int, stop: int, capture: bool, final_only: bool = False, grads: bool = True,
+                start: tuple[Params, dict[str, Tensor]] | None = None) -> Iterator[StepRecord | tuple[int, Params, State]]:
         """Replay from checkpoint ``start_ck`` up to step ``stop`` (exclusive).
 
         Yields a :class:`StepRecord` per step (``capture``; consecutive records share tensors,
         see :meth:`segments`), else ``(s + 1, w_{s+1}, state)`` per step, or only after the
-        last step with ``final_only``.
+        last step with ``final_only``. With ``start = (w, optimizer tensors)`` (a state taken
+        by :meth:`_snapshots`; ``start_ck`` is then its step, not necessarily a checkpoint) the
+        replay begins from it instead of the stored checkpoint.
         """
         model, opt, params = self._work_model()
-        ck = self.checkpoint(start_ck)
+        w0, opt0 = start if start is not None else (None, None)
+        if start is None:
+            ck = self.checkpoint(start_ck)
+            w0 = {n: ck[f"param/{n}"] for n in self.param_names}
+            opt0 = checkpoint_optimizer_tensors(ck)
         with torch.no_grad():
             for n, p in zip(self.param_names, params):
-                p.copy_(ck[f"param/{n}"])
-        load_optimizer_state(opt, checkpoint_optimizer_tensors(ck), self.param_names)
+                p.copy_(w0[n])
+        load_optimizer_state(opt, opt0, self.param_names)
         spec = self.optimizer_spec
         w_next = state_after = None  # the previous record's, shared with the next one
         for s in range(start_ck, stop):
@@ -509,23 +450,60 @@ class Trajectory:
         finally:
             bar.close()
 
-    def segments(self, start: int = 0, stop: int | None = None, *, reverse: bool = False, grads: bool = True
-                 ) -> Iterator[list[StepRecord]]:
+    def segments(self, start: int = 0, stop: int | None = None, *, reverse: bool = False, grads: bool = True,
+                 hold: int | None = None) -> Iterator[list[StepRecord]]:
         """Checkpoint segments ∩ ``[start, stop)``, each as a forward-ordered list of records.
 
         With ``reverse=True`` segments come from the last one backwards (for adjoint sweeps);
         records inside each list stay in forward order. A record's ``params``/``state_before``
         are the previous one's ``next_params``/``state_after`` (shared: read-only), so a step's
         ``w`` and state are held once; ``grads=False`` leaves ``StepRecord.grad`` empty.
+
+        With ``reverse=True`` and ``hold``, a segment of more than ``hold`` steps comes as
+        sub-segments of ``ceil(sqrt(n))`` of its ``n`` steps, last first (two-level
+        checkpointing: one more replay of the segment keeps the state at each sub-segment's
+        start, so about ``2 sqrt(n)`` steps' parameters and optimizer state are held instead of
+        ``n``). The records are bitwise the same.
         """
         ranges = self._ranges(start, stop)
         if reverse:
             ranges = ranges[::-1]
         for c, lo, hi in ranges:
+            if reverse and hold is not None and hi - lo > hold:
+                yield from self._sub_segments(c, lo, hi, grads, math.isqrt(hi - lo - 1) + 1)
+                continue
             records = [r for r in self._replay(c, hi, capture=True, grads=grads) if r.step >= lo]
             if records and hi in self.checkpoint_steps:
                 self._check_replay(hi, records[-1].next_params)
             yield records
+
+    def _sub_segments(self, c: int, lo: int, hi: int, grads: bool, length: int) -> Iterator[list[StepRecord]]:
+        """Records of steps ``[lo, hi)`` (checkpoint segment from ``c``) as lists of at most
+        ``length`` steps, the last first: one replay from ``c`` keeps the parameters and
+        optimizer state at each list's first step (:meth:`_snapshots`), then each list is
+        replayed from its state. Training is deterministic and the state is the replay's own,
+        so the records are bitwise the ones one replay of the segment gives."""
+        starts = list(range(lo, hi, length))
+        snaps = self._snapshots(c, set(starts) - {c})
+        for t in reversed(starts):
+            end = min(t + length, hi)
+            records = list(self._replay(t, end, capture=True, grads=grads, start=snaps.pop(t, None)))
+            if end == hi and hi in self.checkpoint_steps:
+                self._check_replay(hi, records[-1].next_params)
+            yield records
+
+    def _snapshots(self, c: int, steps: set[int]) -> dict[int, tuple[Params, dict[str, Tensor]]]:
+        """``{t: (w_t, optimizer tensors before step t)}`` for ``t`` in ``steps`` (inside the
+        segment from checkpoint ``c``), from one replay that keeps nothing else."""
+        out: dict[int, tuple[Params, dict[str, Tensor]]] = {}
+        if not steps:
+            return out
+        model, opt, params = self._work_model()
+        for t, _, _ in self._replay(c, max(steps), capture=False):
+            if t in steps:
+                out[t] = ({n: p.detach().clone() for n, p in zip(self.param_names, params)},
+                          optimizer_state_to_tensors(opt, self.param_names))
+        return out
 
     def _check_replay(self, step: int, replayed: Params) -> None:
         """Compare a replayed ``w_step`` with the stored checkpoint; record and warn on drift.

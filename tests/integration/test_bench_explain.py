@@ -99,7 +99,7 @@ def test_bench_explain_two_midpoint_rules_and_kernel_case(capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "explain/train" in text and "peak RSS" in text
     rows = out["rows"]
-    assert [(r["case"], r["threads"]) for r in rows] == [("kernel", 1), ("kernel", 2), ("binned", 1), ("binned", 2)]
+    assert [(r["case"], r["threads"]) for r in rows] == [("kernel", 1), ("kernel", 2), ("lowmem", 1), ("binned", 1), ("binned", 2)]
     for r in rows:
         assert _positive(r["ratio"]) and r["peak_mb"] > 0 and r["ok"]
         assert r["total_rel"] < 1e-4 and r["mean_rel_per_query"] < 1e-4

@@ -7,6 +7,7 @@ and a 12-node Gauss–Legendre rule from numpy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -355,6 +356,104 @@ def test_resume_dir_continues(gelu_run, tmp_path, by):
         explain(traj, test, resume_dir=tmp_path / "part", by=("step",), progress=False)
 
 
+@contextlib.contextmanager
+def looks_like_threads(n: int):
+    """``torch.get_num_threads()`` answers ``n`` inside (the engine then plans for that many cores);
+    the real thread count is restored after, whatever replay's thread guards set meanwhile."""
+    real, get = torch.get_num_threads(), torch.get_num_threads
+    torch.get_num_threads = lambda: n
+    try:
+        yield
+    finally:
+        torch.get_num_threads = get
+        torch.set_num_threads(real)
+
+
+class HoldSpy:
+    """A trajectory that records the ``hold`` each reverse replay asked for and the lists it gave,
+    and dies (``RuntimeError("killed")``) after ``die_after`` of them."""
+
+    def __init__(self, traj, die_after: int | None = None) -> None:
+        self._traj, self.die_after, self.holds, self.lists = traj, die_after, [], []
+
+    def __getattr__(self, name):
+        return getattr(self._traj, name)
+
+    def segments(self, *args, **kwargs):
+        self.holds.append(kwargs.get("hold"))
+        for seg in self._traj.segments(*args, **kwargs):
+            if self.die_after is not None and len(self.lists) == self.die_after:
+                raise RuntimeError("killed")
+            self.lists.append([r.step for r in seg])
+            yield seg
+
+
+def test_train_axis_in_sub_segments_is_the_same_computation(gelu_run, tmp_path):
+    """``replay_mb`` below one segment's records: the train-axis sweep takes each checkpoint
+    segment (3 steps here) as sub-segments of 2 and 1 steps, last first, and gives bitwise the
+    whole-segment result; ``None`` never splits; ``"auto"`` splits only with a spare core. A run
+    killed after a sub-segment that does not start at a checkpoint resumes from the last
+    checkpoint's partial sums (none are written in between) to the same result."""
+    traj, test = gelu_run
+    kw = dict(by=("train", "component"), components="head", dtype=torch.float64, progress=False)
+    whole, split = HoldSpy(traj), HoldSpy(traj)
+    ref = explain(whole, test, replay_mb=None, **kw)
+    got = explain(split, test, replay_mb=1e-6, **kw)
+    assert whole.holds == [None] and whole.lists == [[6, 7, 8], [3, 4, 5], [0, 1, 2]]
+    assert split.holds == [1] and split.lists == [[8], [6, 7], [5], [3, 4], [2], [0, 1]]
+    assert torch.equal(got.values, ref.values)
+    assert torch.equal(got.completeness.residual, ref.completeness.residual)
+    auto1, auto2 = HoldSpy(traj), HoldSpy(traj)
+    with looks_like_threads(1):
+        explain(auto1, test, **kw)
+    with looks_like_threads(2):
+        explain(auto2, test, **kw)
+    assert auto1.holds == [None] and auto2.holds[0] is not None and auto2.holds[0] > 3  # 8 MB: whole segments here
+    # killed after [8], [6, 7], [5]: partial sums were saved at step 6 only
+    with pytest.raises(RuntimeError, match="killed"):
+        explain(HoldSpy(traj, die_after=3), test, replay_mb=1e-6, resume_dir=tmp_path / "part", **kw)
+    resumed_spy = HoldSpy(traj)
+    resumed = explain(resumed_spy, test, replay_mb=1e-6, resume_dir=tmp_path / "part", **kw)
+    assert resumed_spy.lists == [[5], [3, 4], [2], [0, 1]]
+    assert_close_scaled(resumed.values, ref.values, 1e-13)
+
+
+def test_streamed_phi_is_the_double_buffered_computation(gelu_run, monkeypatch):
+    """One thread, per-query rows on the seen clock: each chunk's φ̂ rows are certified in a
+    scratch of one chunk and folded into Ã at once (no [rows, P] φ̂ beside Ã), chunks sized to
+    one Jacobian call (at most ``jacobian_mb``, ceil(Q / ceil(Q / cap)) queries). In float64 it
+    gives what the double-buffered path of a spare core gives with the same chunks, to rounding."""
+    from explaind_tl.engine.certify import Certifier
+
+    traj, test = gelu_run
+    q = test  # 5 queries
+    seen = []
+    phi = Certifier.phi
+
+    def spy(self, *args, **kwargs):
+        out = kwargs.get("out")
+        seen.append((kwargs.get("sink") is not None, None if out is None else tuple(out.shape), self.ctx.query_chunk))
+        return phi(self, *args, **kwargs)
+
+    monkeypatch.setattr(Certifier, "phi", spy)
+    P = sum(p.numel() for p in traj.params_at(0).values())
+    n_out = P_MOD
+    per_query_mb = n_out * P * 8 / 2**20
+    kw = dict(metric="logits", by=("query", "output", "train"), dtype=torch.float64, progress=False)
+    # a cap of 4 queries per Jacobian call: 5 queries in even chunks of 3 and 2, not 4 and 1
+    assert len(q["label"]) == 5
+    streamed = explain(traj, q, jacobian_mb=4.5 * per_query_mb, **kw)
+    assert {x[0] for x in seen} == {True} and {x[1] for x in seen} == {(3 * n_out, P)} and {x[2] for x in seen} == {3}
+    seen.clear()
+    with looks_like_threads(2):  # the double-buffered path, chunks given
+        buffered = explain(traj, q, query_chunk=3, jacobian_mb=4.5 * per_query_mb, replay_mb=None, **kw)
+    assert {x[0] for x in seen} == {False} and {x[2] for x in seen} == {3}
+    assert streamed.completeness.ok and buffered.completeness.ok
+    assert_close_scaled(streamed.values, buffered.values, 1e-12)
+    assert_close_scaled(streamed.completeness.residual, buffered.completeness.residual, 1e-9,
+                        scale=float(streamed.completeness.measured.abs().max()))
+
+
 def test_train_axis_by_component_matches_realized(gelu_run):
     traj, test = gelu_run
     kw = dict(dtype=torch.float64, tol=1e-12, progress=False)
@@ -416,7 +515,8 @@ def test_per_query_jvp_equals_per_query_gradients(tmp_path, act_fn):
 
 def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch):
     """A chunk's per-query Jacobians taken two queries per call (each call padded to its own
-    largest piece count) give the entries of one call per chunk."""
+    largest piece count) give the entries of one call per chunk (with a spare core: with one
+    thread a chunk is one call, see test_streamed_phi_is_the_double_buffered_computation)."""
     from explaind_tl import ExplainOptions
     from explaind_tl.model.functional import QueryFunction
 
@@ -424,7 +524,8 @@ def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch):
     traj, _, _ = record(tmp_path, tiny_transformer("relu", seed=3), "adamw", train, steps=6)
     kw = dict(by=("query", "output", "train"), metric="logits", dtype=torch.float64, tol=1e-10, query_grads="grad",
               fast_forward=False, progress=False)
-    one = explain(traj, test, **kw)
+    with looks_like_threads(2):
+        one = explain(traj, test, **kw)
     calls = []
     real = QueryFunction.per_query_quadrature
 
@@ -435,7 +536,8 @@ def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(QueryFunction, "per_query_quadrature", spy)
     n_params = sum(p.numel() for p in traj.model().parameters() if p.requires_grad)
     mb = 2.5 * one.values.shape[1] * n_params * 8 / 2**20  # two queries per call
-    batched = explain(traj, test, options=ExplainOptions(jacobian_mb=mb), **kw)
+    with looks_like_threads(2):
+        batched = explain(traj, test, options=ExplainOptions(jacobian_mb=mb), **kw)
     assert one.meta["kinks"] > 0 and max(calls) == 2 and len(calls) > 6 * len(test["label"]) // 2
     assert_close_scaled(batched.values, one.values, 1e-12)
     assert batched.completeness.ok and one.completeness.ok

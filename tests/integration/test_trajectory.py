@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -217,3 +218,47 @@ def test_hooked_transformer_config_roundtrip():
     assert json.loads(json.dumps(d)) == d and d["dtype"] == "torch.float64"
     again = hooked_transformer_config_from_dict(d)
     assert again.dtype == torch.float64 and hooked_transformer_config_to_dict(again) == d
+
+
+def test_sub_segments_are_the_same_records_last_first(tmp_path):
+    """``segments(reverse=True, hold=k)``: a segment of more than ``k`` steps comes as lists of
+    ``ceil(sqrt(n))`` steps, last first, replayed from states a first replay kept; every record
+    is bitwise the one a whole-segment replay gives, the replay is still checked against the
+    stored checkpoint, and a window starting inside a segment starts the first list there."""
+    model = tiny_model()
+    opt = OPTIMIZERS["adam_l2"](model.parameters())
+    rec = TrajectoryRecorder(model, opt, tmp_path / "run", modular_addition(7), last_token_cross_entropy, checkpoint_every=10)
+    for ids in batch_schedule(rec.num_train, 13, 16, shuffle=True, seed=3):
+        rec.step(ids)
+    rec.close()
+    traj = Trajectory.load(tmp_path / "run")
+    assert traj.checkpoint_steps == [0, 10, 13]
+
+    def flat(segs):
+        return [r for seg in segs for r in seg]
+
+    for start in (0, 2):
+        whole = flat(traj.segments(start, reverse=True))
+        traj.replay_mismatch.clear()
+        lists = list(traj.segments(start, reverse=True, hold=3))
+        # segment [start, 10) of n steps: lists of ceil(sqrt(n)); segment [10, 13): 3 steps, whole
+        n = 10 - start
+        size = math.isqrt(n - 1) + 1
+        want = [list(range(10, 13))] + [list(range(t, min(t + size, 10))) for t in reversed(range(start, 10, size))]
+        assert [[r.step for r in seg] for seg in lists] == want
+        assert sorted(traj.replay_mismatch) == [10, 13] and max(traj.replay_mismatch.values()) == 0.0
+        by_step = sorted(flat(lists), key=lambda r: r.step)
+        for a, b in zip(sorted(whole, key=lambda r: r.step), by_step, strict=True):
+            assert a.step == b.step and a.step_count == b.step_count and a.lr == b.lr
+            assert torch.equal(a.batch_ids, b.batch_ids)
+            for n_ in a.params:
+                assert torch.equal(a.params[n_], b.params[n_]) and torch.equal(a.next_params[n_], b.next_params[n_])
+                assert torch.equal(a.grad[n_], b.grad[n_])
+            assert a.state_before.keys() == b.state_before.keys() and a.state_after.keys() == b.state_after.keys()
+            for k in a.state_after:
+                assert all(torch.equal(a.state_after[k][n_], b.state_after[k][n_]) for n_ in a.state_after[k])
+            for k in a.state_before:
+                assert all(torch.equal(a.state_before[k][n_], b.state_before[k][n_]) for n_ in a.state_before[k])
+    # forward iteration and a hold the segments fit in are not split
+    assert [len(s) for s in traj.segments(hold=3)] == [10, 3]
+    assert [len(s) for s in traj.segments(reverse=True, hold=10)] == [3, 10]

@@ -18,7 +18,8 @@ def test_defaults_are_explains_documented_defaults():
     o = ExplainOptions()
     assert (o.tol, o.nodes, o.max_nodes, o.kink_aware, o.adaptive_nodes) == (1e-6, 2, 32, "auto", True)
     assert (o.dtype, o.fast_forward, o.train_grads, o.query_grads) == (None, True, "auto", "auto")
-    assert (o.query_chunk, o.train_chunk, o.jacobian_mb) == (None, 256, 16.0)
+    assert (o.query_chunk, o.train_chunk, o.jacobian_mb, o.replay_mb) == (None, 256, 16.0, "auto")
+    assert ExplainOptions(replay_mb=None).replay_mb is None and ExplainOptions(replay_mb=2).replay_mb == 2.0
     # every option is also a keyword of explain (defaulting to "take it from options")
     params = inspect.signature(explain).parameters
     for f in dataclasses.fields(ExplainOptions):
@@ -47,6 +48,11 @@ def test_defaults_are_explains_documented_defaults():
         (dict(jacobian_mb=0), ValueError, "jacobian_mb"),
         (dict(jacobian_mb=math.inf), ValueError, "jacobian_mb"),
         (dict(jacobian_mb="64"), TypeError, "jacobian_mb"),
+        (dict(replay_mb=0), ValueError, "replay_mb"),
+        (dict(replay_mb=-8), ValueError, "replay_mb"),
+        (dict(replay_mb="8"), ValueError, "replay_mb"),
+        (dict(replay_mb=True), TypeError, "replay_mb"),
+        (dict(replay_mb=math.nan), ValueError, "replay_mb"),
     ],
 )
 def test_checked_when_made(kwargs, error, match):
