@@ -74,16 +74,22 @@ def test_replay_is_bitwise_exact(tmp_path, name):
     assert opt_state and all(torch.equal(opt_state[k][n], steps[1].state_after[k][n]) for k in opt_state for n in opt_state[k])
 
 
+def _recorded(tmp_path, opt_name: str, steps: int, checkpoint_every: int, seed: int) -> Trajectory:
+    """A tiny model trained ``steps`` minibatch steps with ``OPTIMIZERS[opt_name]``, loaded."""
+    model = tiny_model()
+    opt = OPTIMIZERS[opt_name](model.parameters())
+    rec = TrajectoryRecorder(model, opt, tmp_path / "run", modular_addition(7), last_token_cross_entropy,
+                             checkpoint_every=checkpoint_every)
+    for ids in batch_schedule(rec.num_train, steps, 16, shuffle=True, seed=seed):
+        rec.step(ids)
+    rec.close()
+    return Trajectory.load(tmp_path / "run")
+
+
 def test_segment_records_share_tensors_and_may_skip_grads(tmp_path):
     """Consecutive records share w and the optimizer state (held once per step); ``grads=False``
     leaves ``grad`` empty and changes nothing else."""
-    model = tiny_model()
-    opt = OPTIMIZERS["adamw"](model.parameters())
-    rec = TrajectoryRecorder(model, opt, tmp_path / "run", modular_addition(7), last_token_cross_entropy, checkpoint_every=4)
-    for ids in batch_schedule(rec.num_train, 6, 16, shuffle=True, seed=2):
-        rec.step(ids)
-    rec.close()
-    traj = Trajectory.load(tmp_path / "run")
+    traj = _recorded(tmp_path, "adamw", steps=6, checkpoint_every=4, seed=2)
     full = [r for seg in traj.segments() for r in seg]
     lean = [r for seg in traj.segments(grads=False) for r in seg]
     assert [r.step for r in full] == [r.step for r in lean] == list(range(6))
@@ -225,13 +231,7 @@ def test_sub_segments_are_the_same_records_last_first(tmp_path):
     ``ceil(sqrt(n))`` steps, last first, replayed from states a first replay kept; every record
     is bitwise the one a whole-segment replay gives, the replay is still checked against the
     stored checkpoint, and a window starting inside a segment starts the first list there."""
-    model = tiny_model()
-    opt = OPTIMIZERS["adam_l2"](model.parameters())
-    rec = TrajectoryRecorder(model, opt, tmp_path / "run", modular_addition(7), last_token_cross_entropy, checkpoint_every=10)
-    for ids in batch_schedule(rec.num_train, 13, 16, shuffle=True, seed=3):
-        rec.step(ids)
-    rec.close()
-    traj = Trajectory.load(tmp_path / "run")
+    traj = _recorded(tmp_path, "adam_l2", steps=13, checkpoint_every=10, seed=3)
     assert traj.checkpoint_steps == [0, 10, 13]
 
     def flat(segs):
