@@ -136,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--datamodel", type=int, default=0, metavar="K",
                    help="also fit a linear datamodel on K more retrainings per drop fraction: the ceiling of any "
                    "additive score (default 0: off; K several times the training-set size)")
+    f.add_argument("--metric", default=None,
+                   help="query output every method and retrained model is read with: grokking correct_logprob "
+                   "(default), correct_logit or loss; induction next_token_logprob (default) or next_token_loss")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     r = sub.add_parser("report", help="rewrite report.md and figures of an existing grokking study directory")
     r.add_argument("out", help="study directory")
@@ -225,7 +228,7 @@ def _induction(args: argparse.Namespace) -> int:
 
 
 def _faithfulness(args: argparse.Namespace) -> int:
-    from analyses.faithfulness.harness import run_faithfulness
+    from analyses.faithfulness.harness import STUDY_METRICS, run_faithfulness
 
     try:
         drops = tuple(float(x) for x in args.drops.split(","))
@@ -238,10 +241,13 @@ def _faithfulness(args: argparse.Namespace) -> int:
     if args.datamodel != 0 and args.datamodel < 3:
         print("--datamodel must be 0 (off) or >= 3 retrainings", file=sys.stderr)
         return 2
+    if args.metric is not None and args.metric not in STUDY_METRICS[args.study]:
+        print(f"--metric for --study {args.study} must be one of {', '.join(STUDY_METRICS[args.study])}", file=sys.stderr)
+        return 2
     out = Path(args.out or f"runs/faithfulness-{args.study}-{args.config}")
     t0 = time.perf_counter()
     res = run_faithfulness(args.study, args.config, out, subsets=args.subsets, drops=drops, n_queries=args.queries,
-                           steps=args.steps, seed=args.seed, progress=not args.quiet, datamodel=args.datamodel)
+                           steps=args.steps, seed=args.seed, progress=not args.quiet, datamodel=args.datamodel, metric=args.metric)
     for frac, block in res["lds_by_fraction"].items():
         for m, b in block.items():
             print(f"  drop {frac:<5} {m:<12} LDS {b['mean']:+.3f}  [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}]")

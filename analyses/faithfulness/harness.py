@@ -34,7 +34,13 @@ import torch
 from .lds import fit_datamodel, lds, random_subsets
 from .methods import METHODS, scores
 
-__all__ = ["Study", "prepare_study", "run_faithfulness"]
+__all__ = ["STUDY_METRICS", "Study", "prepare_study", "run_faithfulness"]
+
+# the query outputs each study can be scored on; the first is the default
+STUDY_METRICS = {
+    "grokking": ("correct_logprob", "correct_logit", "loss"),
+    "induction": ("next_token_logprob", "next_token_loss"),
+}
 
 
 @dataclass
@@ -51,8 +57,12 @@ class Study:
     evaluation: dict | None = None  # a larger held-out set for the pruning test (labels or loss_mask)
 
 
-def prepare_study(study: str, config: str, out: Path, n_queries: int | None, steps: int | None, progress: bool) -> Study:
-    """Record the study's run (``steps`` overrides the preset's length) and pick its queries."""
+def prepare_study(study: str, config: str, out: Path, n_queries: int | None, steps: int | None, progress: bool,
+                  metric: str | None = None) -> Study:
+    """Record the study's run (``steps`` overrides the preset's length) and pick its queries, read
+    with ``metric`` (one of :data:`STUDY_METRICS` of the study; ``None``: its default)."""
+    if study in STUDY_METRICS and metric is None:
+        metric = STUDY_METRICS[study][0]
     if study == "grokking":
         from analyses.grokking.task import get_config
         from analyses.grokking.training import dataset_tensors, train_grokking
@@ -62,7 +72,7 @@ def prepare_study(study: str, config: str, out: Path, n_queries: int | None, ste
         res = train_grokking(cfg, out / "run", progress=progress)
         test = dataset_tensors(res.test_data)
         k = n_queries or 16
-        return Study(study, config, res.trajectory, {n: v[:k] for n, v in test.items()}, "correct_logprob", -1,
+        return Study(study, config, res.trajectory, {n: v[:k] for n, v in test.items()}, metric, -1,
                      time.perf_counter() - t0, evaluation=test)
     if study == "induction":
         from analyses.induction.pipeline import train_run
@@ -74,7 +84,7 @@ def prepare_study(study: str, config: str, out: Path, n_queries: int | None, ste
         traj, _, seconds = train_run(cfg, out / "run", progress=progress)
         q = make_sequences(cfg, n_queries or 16, cfg.seed + 3, repeat_fraction=1.0)
         ev = make_sequences(cfg, 256, cfg.seed + 4, repeat_fraction=1.0)
-        return Study(study, config, traj, {"tokens": q["tokens"], "loss_mask": q["copy_mask"]}, "next_token_logprob",
+        return Study(study, config, traj, {"tokens": q["tokens"], "loss_mask": q["copy_mask"]}, metric,
                      None, seconds, evaluation={"tokens": ev["tokens"], "loss_mask": ev["copy_mask"]})
     raise ValueError(f"unknown study {study!r}; choose 'grokking' or 'induction'")
 
@@ -96,9 +106,11 @@ def query_outputs(traj: Any, params: dict, queries: dict, metric: str, position:
 def run_faithfulness(
     study: str, config: str, out: str | Path, *, subsets: int = 64, drops: tuple[float, ...] = (0.5, 0.05),
     methods: tuple[str, ...] = METHODS, n_queries: int | None = None, steps: int | None = None, seed: int = 0,
-    progress: bool = True, ablation: bool = True, pruning: bool = True, datamodel: int = 0,
+    progress: bool = True, ablation: bool = True, pruning: bool = True, datamodel: int = 0, metric: str | None = None,
 ) -> dict:
-    """Record, score, retrain and measure (see the module docstring); with ``ablation``, also
+    """Record, score, retrain and measure (see the module docstring), every method and the
+    retrained models read with ``metric`` (:data:`STUDY_METRICS`; ``None``: the study's default,
+    the correct token's log-prob); with ``ablation``, also
     the head-ablation curves of :mod:`.ablation`; with ``pruning``, the parameter-pruning curves
     of :mod:`.pruning`; with ``datamodel`` > 0, the linear-datamodel ceiling fitted on that many
     more retrainings per drop fraction. Returns the JSON written."""
@@ -112,8 +124,12 @@ def run_faithfulness(
         raise ValueError(f"methods from {METHODS}, subsets >= 3 and at least one drop fraction (got {methods}, {subsets}, {drops})")
     if isinstance(datamodel, bool) or not isinstance(datamodel, int) or not (datamodel == 0 or datamodel >= 3):
         raise ValueError(f"datamodel must be 0 (off) or an int >= 3 retrainings, got {datamodel!r}")
+    if study not in STUDY_METRICS:
+        raise ValueError(f"unknown study {study!r}; choose from {sorted(STUDY_METRICS)}")
+    if metric is not None and metric not in STUDY_METRICS[study]:
+        raise ValueError(f"metric for the {study} study must be one of {STUDY_METRICS[study]}, got {metric!r}")
     out.mkdir(parents=True, exist_ok=True)
-    st = prepare_study(study, config, out, n_queries, steps, progress)
+    st = prepare_study(study, config, out, n_queries, steps, progress, metric)
     traj = st.trajectory
     timings: dict[str, float] = {"train": st.train_seconds}
     method_scores = {}

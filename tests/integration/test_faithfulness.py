@@ -139,6 +139,40 @@ def test_faithfulness_refuses_a_bad_datamodel_count_before_any_work(tmp_path, ba
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("study,bad", [("grokking", "next_token_logprob"), ("induction", "correct_logit"),
+                                       ("grokking", "logit_diff")])
+def test_faithfulness_refuses_a_metric_the_study_cannot_read_before_any_work(tmp_path, capsys, study, bad):
+    from analyses.cli import main
+    from analyses.faithfulness.harness import run_faithfulness
+
+    with pytest.raises(ValueError, match="metric for the"):
+        run_faithfulness(study, "tiny", tmp_path / "never", metric=bad)
+    with pytest.raises(ValueError, match="unknown study"):
+        run_faithfulness("bogus", "tiny", tmp_path / "never", metric=bad)
+    assert main(["faithfulness", "--study", study, "--out", str(tmp_path / "never"), "--metric", bad]) == 2
+    assert "--metric" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_query_outputs_read_the_chosen_metric(runs):
+    """The retrained models' outputs follow ``metric``: the loss is minus the correct log-prob, and the
+    logit differs from both (an oracle through the model's own logits)."""
+    from analyses.faithfulness.harness import query_outputs
+
+    traj = runs["mini"]
+    _, test = modular_data(7, 30, 8)
+    w = retrain(traj)
+    lp = query_outputs(traj, w, test, "correct_logprob", -1)
+    assert_close_scaled(query_outputs(traj, w, test, "loss", -1), -lp, k=1e-12)
+    model = traj.model(0).double()
+    assert not model.load_state_dict({k: v.double() for k, v in w.items()}, strict=False).unexpected_keys
+    with torch.no_grad():
+        logits = model(test["tokens"])[:, -1]
+    want = logits.gather(1, test["label"][:, None])[:, 0]
+    assert_close_scaled(query_outputs(traj, w, test, "correct_logit", -1), want, k=1e-12)
+    assert_close_scaled(lp, want - logits.logsumexp(-1), k=1e-12)
+
+
 def test_compare_uses_interval_overlap():
     assert compare({"ci95": [0.5, 0.7]}, {"ci95": [0.1, 0.4]}) == "wins"
     assert compare({"ci95": [0.1, 0.4]}, {"ci95": [0.5, 0.7]}) == "loses"
