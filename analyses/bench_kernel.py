@@ -26,8 +26,20 @@ for ``explain(traj, queries, metric="logits", by=("query", "output", "train"))``
 With ``--scaling``, the same for queries x outputs doubling (10, 20, 40 queries) and the
 training set doubling (75, 150, 300 examples), so the cost can be read as linear or not.
 
+Peak memory is read two ways, both of the whole process. ``VmHWM`` (peak RSS) counts the pages of
+shared libraries that are resident, and how many of libtorch's pages a process gets mapped
+depends on what the page cache held when it started: the same process measured 455 MB at one
+time and 552 MB at another on one machine, the reference 221 and 279 MB after its imports. So
+the parent also polls each child's ``RssAnon`` (anonymous memory: tensors, Python objects,
+allocator arenas; every 10 ms) and reports its peak, which does not move with the page cache.
+
 The reference implementation (PyPI ``explaind`` 0.1.0) is not a dependency; its time on this
 workload is measured by ``analyses/bench_reference.py`` where it is installed (see there).
+With ``--reference SRC`` (the folder it was unpacked into), this benchmark runs it too, in fresh
+processes alternating with ours at 1 and 2 threads, ``--repeats`` times, and prints the medians
+and the ratios (explain time, peak RSS, peak anonymous memory) of one session::
+
+    python -m analyses.bench_kernel --cases kernel --reference /tmp/ref/src --repeats 3
 """
 
 from __future__ import annotations
@@ -35,10 +47,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -115,20 +130,105 @@ def child(run_dir: str, case: str, n_queries: int) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_kb": _status_kb("VmHWM"), **errors(attr, n_queries)}))
 
 
+def _proc_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
+    """The named ``/proc/PID/status`` fields in kB (none once the process is gone, or off Linux)."""
+    got = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name = line.split(":", 1)[0]
+                if name in fields:
+                    got[name] = int(line.split()[1])
+    except OSError:
+        pass
+    return got
+
+
+def watched(cmd: list[str], env: dict, interval: float = 0.01) -> dict:
+    """Run ``cmd`` to the end; returns its stdout, and the peak of its ``RssAnon`` (``anon_kb``,
+    polled every ``interval`` seconds from this process, so the child runs unchanged; a peak that
+    lasts less than that can be missed) and its last ``VmHWM`` seen (``hwm_kb``)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+        peak = {"RssAnon": 0, "VmHWM": 0}
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.wait(interval):
+                for k, v in _proc_kb(proc.pid, ("RssAnon", "VmHWM")).items():
+                    peak[k] = max(peak[k], v)
+
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        code = proc.wait()
+        done.set()
+        th.join()
+        out.seek(0)
+        err.seek(0)
+        if code != 0:
+            raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({code}):\n{err.read()[-3000:]}")
+        return {"stdout": out.read(), "anon_kb": peak["RssAnon"], "hwm_kb": peak["VmHWM"]}
+
+
 def peak_rss(run_dir: Path, case: str, n_queries: int, threads: int) -> dict:
+    """A fresh process's peak RSS (its own ``VmHWM``) and peak anonymous memory for one case."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "analyses.bench_kernel", "--child", str(run_dir), "--case", case,
            "--queries", str(n_queries), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"peak-RSS child failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    got = watched(cmd, env)
+    return {**json.loads(got["stdout"].strip().splitlines()[-1]), "anon_kb": got["anon_kb"]}
+
+
+def reference_run(src: str, threads: int) -> dict:
+    """``analyses/bench_reference.py`` (23 outputs) in a fresh process with ``src`` on its path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "OMP_NUM_THREADS": str(threads)}
+    got = watched([sys.executable, "-m", "analyses.bench_reference", str(P_MOD), str(threads)], env)
+    text = got["stdout"]
+
+    def number(pattern: str) -> float:
+        m = re.search(pattern, text)
+        if m is None:
+            raise RuntimeError(f"the reference printed no {pattern!r}:\n{text[-2000:]}")
+        return float(m.group(1))
+
+    return {"seconds": number(r"explain_seconds\s+([\d.]+)"), "train_s": number(r"train_seconds\s+([\d.]+)"),
+            "rel": number(r"rel_err mean over queries .* = ([\d.e+-]+)"),
+            "peak_kb": number(r"peak RSS ([\d.]+) MiB") * 1024, "anon_kb": got["anon_kb"]}
+
+
+def compare_reference(run_dir: Path, src: str, threads_list: list[int], repeats: int) -> dict:
+    """Ours (the kernel case) and the reference in fresh processes, alternating, ``repeats`` times;
+    medians and ratios per thread count."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    print(f"[kernel vs reference] fresh processes, alternating, {repeats} each")
+    for i in range(repeats):
+        for t in threads_list:
+            for who, fn in (("ours", lambda t=t: peak_rss(run_dir, "kernel", N_QUERIES, t)), ("reference", lambda t=t: reference_run(src, t))):
+                r = fn()
+                runs.setdefault((who, t), []).append(r)
+                print(f"    run {i + 1} {who:>9} threads {t}: explain {r['seconds']:6.2f} s  peak RSS {r['peak_kb'] / 1024:4.0f} MB  "
+                      f"peak anonymous {r['anon_kb'] / 1024:4.0f} MB")
+    med = {k: {f: statistics.median(r[f] for r in v) for f in ("seconds", "peak_kb", "anon_kb")} for k, v in runs.items()}
+    print("  medians:")
+    for t in threads_list:
+        o, r = med[("ours", t)], med[("reference", t)]
+        print(f"    threads {t}: explain {o['seconds']:6.2f} s vs {r['seconds']:6.2f} s (ratio 1/{r['seconds'] / o['seconds']:.1f})  "
+              f"peak RSS {o['peak_kb'] / 1024:4.0f} vs {r['peak_kb'] / 1024:4.0f} MB  "
+              f"peak anonymous {o['anon_kb'] / 1024:4.0f} vs {r['anon_kb'] / 1024:4.0f} MB")
+    if 1 in threads_list and len(threads_list) > 1:
+        best = min(threads_list, key=lambda t: med[("ours", t)]["seconds"])
+        print(f"    ours at {best} threads against the reference at 1 thread: "
+              f"1/{med[('reference', 1)]['seconds'] / med[('ours', best)]['seconds']:.1f} of its explain time")
+    return {"runs": {f"{who}_{t}": v for (who, t), v in runs.items()},
+            "medians": {f"{who}_{t}": v for (who, t), v in med.items()}}
 
 
 def fmt(row: dict) -> str:
     return (f"{row['case']:>6} {row.get('n_queries', N_QUERIES):>3} q {row.get('n_train', N_TRAIN):>4} train  threads {row['threads']}  "
             f"explain {row['explain_s']:6.2f} s  explain/train {row['ratio']:6.1f}x  total rel {row['total_rel']:.1e}  "
-            f"per-query rel {row['mean_rel_per_query']:.1e}  ok {row['ok']}  peak RSS {row.get('peak_mb', float('nan')):5.0f} MB")
+            f"per-query rel {row['mean_rel_per_query']:.1e}  ok {row['ok']}  peak RSS {row.get('peak_mb', float('nan')):5.0f} MB"
+            f" ({row.get('anon_mb', float('nan')):.0f} anonymous)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -142,16 +242,18 @@ def run(args: argparse.Namespace) -> dict:
         torch.save({k: v for k, v in test.items()}, tmp / "run" / "bench_queries.pt")
         q = {k: v[:N_QUERIES] for k, v in test.items()}
         print(f"    training (recorder, 1 thread): {train_s:.2f} s for {STEPS} steps")
-        out["baseline_mb"] = peak_rss(tmp / "run", "baseline", N_QUERIES, 1)["peak_kb"] / 1024
+        base = peak_rss(tmp / "run", "baseline", N_QUERIES, 1)
+        out["baseline_mb"], out["baseline_anon_mb"] = base["peak_kb"] / 1024, base["anon_kb"] / 1024
         print(f"    peak RSS of a process that imports, loads the run and builds the model, explaining nothing: "
-              f"{out['baseline_mb']:.0f} MB")
+              f"{out['baseline_mb']:.0f} MB ({out['baseline_anon_mb']:.0f} MB anonymous)")
         for case in args.cases:
             for threads in args.thread_list:
                 if case == "lowmem" and threads > 1:  # replay_mb="auto" is 8 MB with a spare core already
                     continue
                 row = time_case(traj, q, case, threads)
                 row["train_s"], row["ratio"] = train_s, row["explain_s"] / train_s
-                row["peak_mb"] = peak_rss(tmp / "run", case, N_QUERIES, threads)["peak_kb"] / 1024
+                mem = peak_rss(tmp / "run", case, N_QUERIES, threads)
+                row["peak_mb"], row["anon_mb"] = mem["peak_kb"] / 1024, mem["anon_kb"] / 1024
                 out["rows"].append(row)
                 print("    " + fmt(row))
         if args.scaling:
@@ -165,10 +267,13 @@ def run(args: argparse.Namespace) -> dict:
                 qq = {k: v[:n_q] for k, v in t_test.items()}
                 row = time_case(t_traj, qq, "kernel", args.thread_list[0])
                 d = tmp / ("run" if n_train == N_TRAIN else f"run_{n_train}")
+                mem = peak_rss(d, "kernel", n_q, args.thread_list[0])
                 row.update(n_queries=n_q, n_train=n_train, train_s=t_train, ratio=row["explain_s"] / t_train,
-                           peak_mb=peak_rss(d, "kernel", n_q, args.thread_list[0])["peak_kb"] / 1024)
+                           peak_mb=mem["peak_kb"] / 1024, anon_mb=mem["anon_kb"] / 1024)
                 out["scaling"].append(row)
                 print("    " + fmt(row))
+        if args.reference:
+            out["reference"] = compare_reference(tmp / "run", args.reference, args.thread_list, args.repeats)
     finally:
         if not args.work_dir:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -181,6 +286,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", dest="thread_list", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                     help="explain thread counts to time (training is always 1 thread)")
     ap.add_argument("--scaling", action="store_true", help="also the queries x outputs and N_train doubling table")
+    ap.add_argument("--reference", type=str, default=None, metavar="SRC",
+                    help="folder holding the reference package `explaind` (see analyses/bench_reference.py): "
+                    "also run it, alternating with ours in fresh processes, and print ratios")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each side with --reference (default 3; medians)")
     ap.add_argument("--work-dir", type=str, default=None)
     ap.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--case", type=str, default="kernel", help=argparse.SUPPRESS)
@@ -190,6 +299,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    if args.reference and not (Path(args.reference) / "explaind" / "epk_model.py").is_file():
+        raise SystemExit(f"--reference {args.reference!r}: no explaind/epk_model.py there (see analyses/bench_reference.py)")
     if args.child:
         torch.set_num_threads(args.thread_list[0])
         child(args.child, args.case, args.queries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ def test_bench_explain_two_midpoint_rules_and_kernel_case(capsys, monkeypatch):
     rows = out["rows"]
     assert [(r["case"], r["threads"]) for r in rows] == [("kernel", 1), ("kernel", 2), ("lowmem", 1), ("binned", 1), ("binned", 2)]
     for r in rows:
-        assert _positive(r["ratio"]) and r["peak_mb"] > 0 and r["ok"]
+        assert _positive(r["ratio"]) and r["peak_mb"] > 0 and r["anon_mb"] > 0 and r["ok"]
         assert r["total_rel"] < 1e-4 and r["mean_rel_per_query"] < 1e-4
 
 
@@ -125,3 +126,77 @@ def test_bench_gpu_without_cuda_measures_nothing(capsys):
 
     assert bench_gpu.main([]) == {}
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_kernel_bench_reads_a_childs_peak_anonymous_memory():
+    """``watched`` polls a child's ``RssAnon``: a child that holds 96 MB of touched memory for a
+    moment peaks at least 80 MB above one that holds none (both measured the same way)."""
+    import sys
+
+    from analyses import bench_kernel
+
+    hold = "import time; b = bytearray(96 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.3); print('done')"
+    idle = "import time; time.sleep(0.3); print('done')"
+    big = bench_kernel.watched([sys.executable, "-c", hold], dict(os.environ))
+    small = bench_kernel.watched([sys.executable, "-c", idle], dict(os.environ))
+    assert big["stdout"].strip() == small["stdout"].strip() == "done"
+    assert big["anon_kb"] - small["anon_kb"] > 80 * 1024
+    assert big["hwm_kb"] >= big["anon_kb"] > 0
+    with pytest.raises(RuntimeError, match="failed"):
+        bench_kernel.watched([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
+
+
+def test_kernel_bench_parses_the_reference_output(monkeypatch):
+    """The comparison reads the reference script's own lines (as analyses/bench_reference.py
+    prints them) and refuses output without them."""
+    from analyses import bench_kernel
+
+    text = ("train_seconds   0.510\nexplain_seconds 28.574\nexplain/train   56.0\n"
+            "rel_err mean over queries of ||pred_delta-actual_delta||/||actual_delta|| = 7.9640e-04\n"
+            "peak RSS 577.8 MiB (after the imports: 220.8 MiB)\n")
+    seen = {}
+
+    def fake(cmd, env, interval=0.01):
+        seen.update(cmd=cmd, env=env)
+        return {"stdout": text, "anon_kb": 5000, "hwm_kb": 6000}
+
+    monkeypatch.setattr(bench_kernel, "watched", fake)
+    got = bench_kernel.reference_run("/somewhere/src", 2)
+    assert got == {"seconds": 28.574, "train_s": 0.51, "rel": 7.964e-4, "peak_kb": 577.8 * 1024, "anon_kb": 5000}
+    assert seen["cmd"][-3:] == ["analyses.bench_reference", "23", "2"]
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == "/somewhere/src" and seen["env"]["OMP_NUM_THREADS"] == "2"
+    text = "something else\n"
+    with pytest.raises(RuntimeError, match="printed no"):
+        bench_kernel.reference_run("/somewhere/src", 1)
+
+
+def test_kernel_bench_refuses_a_missing_reference_before_any_work(tmp_path):
+    from analyses import bench_kernel
+
+    with pytest.raises(SystemExit, match="no explaind/epk_model.py"):
+        bench_kernel.main(["--reference", str(tmp_path), "--work-dir", str(tmp_path / "never")])
+    with pytest.raises(SystemExit, match="--repeats"):
+        bench_kernel.main(["--repeats", "0", "--work-dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+
+
+def test_kernel_bench_compares_medians_of_alternating_runs(monkeypatch, capsys, tmp_path):
+    """``compare_reference`` alternates the two programs per thread count and takes medians."""
+    from analyses import bench_kernel
+
+    order, times = [], iter([3.0, 30.0, 2.0, 20.0, 5.0, 28.0, 1.0, 25.0, 4.0, 35.0, 9.0, 26.0])
+
+    def run(who, t):
+        order.append((who, t))
+        return {"seconds": next(times), "peak_kb": 1024.0 * (500 if who == "ours" else 600), "anon_kb": 1024.0 * t}
+
+    monkeypatch.setattr(bench_kernel, "peak_rss", lambda d, case, n, t: run("ours", t))
+    monkeypatch.setattr(bench_kernel, "reference_run", lambda src, t: run("reference", t))
+    got = bench_kernel.compare_reference(tmp_path, "src", [1, 2], 3)
+    assert order == [("ours", 1), ("reference", 1), ("ours", 2), ("reference", 2)] * 3
+    med = got["medians"]
+    assert med["ours_1"]["seconds"] == 4.0 and med["reference_1"]["seconds"] == 30.0
+    assert med["ours_2"]["seconds"] == 2.0 and med["reference_2"]["seconds"] == 25.0
+    assert len(got["runs"]["reference_2"]) == 3
+    text = capsys.readouterr().out
+    assert "ratio 1/7.5" in text and "1/15.0 of its explain time" in text  # 30/4 at 1 thread; 30/2 across
