@@ -130,33 +130,30 @@ def child(run_dir: str, case: str, n_queries: int) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_kb": _status_kb("VmHWM"), **errors(attr, n_queries)}))
 
 
-def _proc_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
-    """The named ``/proc/PID/status`` fields in kB (none once the process is gone, or off Linux)."""
-    got = {}
+def _anon_kb(pid: int) -> int:
+    """``RssAnon`` of process ``pid`` in kB (0 once it is gone, or off Linux)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                name = line.split(":", 1)[0]
-                if name in fields:
-                    got[name] = int(line.split()[1])
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
     except OSError:
         pass
-    return got
+    return 0
 
 
 def watched(cmd: list[str], env: dict, interval: float = 0.01) -> dict:
-    """Run ``cmd`` to the end; returns its stdout, and the peak of its ``RssAnon`` (``anon_kb``,
-    polled every ``interval`` seconds from this process, so the child runs unchanged; a peak that
-    lasts less than that can be missed) and its last ``VmHWM`` seen (``hwm_kb``)."""
+    """Run ``cmd`` to the end; returns its stdout and the peak of its ``RssAnon`` (``anon_kb``),
+    polled every ``interval`` seconds from this process, so the child runs unchanged (a peak
+    that lasts less than that can be missed)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
-        peak = {"RssAnon": 0, "VmHWM": 0}
+        peak = [0]
         done = threading.Event()
 
         def poll() -> None:
             while not done.wait(interval):
-                for k, v in _proc_kb(proc.pid, ("RssAnon", "VmHWM")).items():
-                    peak[k] = max(peak[k], v)
+                peak[0] = max(peak[0], _anon_kb(proc.pid))
 
         th = threading.Thread(target=poll, daemon=True)
         th.start()
@@ -167,7 +164,7 @@ def watched(cmd: list[str], env: dict, interval: float = 0.01) -> dict:
         err.seek(0)
         if code != 0:
             raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({code}):\n{err.read()[-3000:]}")
-        return {"stdout": out.read(), "anon_kb": peak["RssAnon"], "hwm_kb": peak["VmHWM"]}
+        return {"stdout": out.read(), "anon_kb": peak[0]}
 
 
 def peak_rss(run_dir: Path, case: str, n_queries: int, threads: int) -> dict:
