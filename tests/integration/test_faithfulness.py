@@ -155,8 +155,8 @@ def test_faithfulness_refuses_a_metric_the_study_cannot_read_before_any_work(tmp
 
 
 def test_query_outputs_read_the_chosen_metric(runs):
-    """The retrained models' outputs follow ``metric``: the loss is minus the correct log-prob, and the
-    logit differs from both (an oracle through the model's own logits)."""
+    """The retrained models' outputs follow ``metric``, against the model's own logits (float64): the
+    correct logit is the gathered logit, the log-prob is it minus the logsumexp, the loss minus that."""
     from analyses.faithfulness.harness import query_outputs
 
     traj = runs["mini"]
