@@ -39,7 +39,8 @@ def metagradient_scores(traj: Any, queries: dict, metric: Any, position: Any = N
 
 def _functions(traj: Any, metric: Any, position: Any):
     from explaind_tl.metrics import resolve_metric
-    from explaind_tl.model.functional import LossFunction, QueryFunction
+    from explaind_tl.model.functional import QueryFunction
+    from explaind_tl.model.training_loss import LossFunction
 
     fn, _ = resolve_metric(metric, position)
     model = traj.model(0)

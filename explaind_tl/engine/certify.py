@@ -353,22 +353,25 @@ class Certifier:
         per_query = grid.shape[1] * self.ctx.layout.numel * torch.finfo(qf.dtype).bits // 8
         cap = max(1, int(self.ctx.options.jacobian_mb * 2**20) // per_query)
         dev, t_list = self.ctx.device, t_nodes.tolist()
+        scratch = None
         for qs in jacobian_calls(counts, cap):
             c = counts[qs][:, None]
             slot = torch.arange(int(c.max()))[None, :]
             table = rows_of[first[qs][:, None] + torch.minimum(slot, c - 1)]  # [q, pieces]: padded with a real row
             wts = torch.where((slot < c)[..., None], weights[table], 0.0).to(dev)
             rows = table.to(dev)
-            g = qf.per_query_quadrature(w, delta, t_list, wts, {k: v[rows] for k, v in sub.items()}, self.ctx.plan.resolve_output)
-            run = int(qs[-1]) - int(qs[0]) == len(qs) - 1  # consecutive queries: one copy per parameter
-            for name, sl in self.ctx.layout.slices.items():
-                gn, view = g[name], grid[:, :, sl].unflatten(2, self.ctx.layout_shapes[name])
-                if run:
-                    view[int(qs[0]) : int(qs[-1]) + 1].copy_(gn)
-                else:
-                    for j, q in enumerate(qs.tolist()):
-                        view[q].copy_(gn[j])
-            del g
+            # consecutive queries are written in place, others into a scratch block copied row-wise
+            run = int(qs[-1]) - int(qs[0]) == len(qs) - 1
+            if run:
+                block = grid[int(qs[0]) : int(qs[-1]) + 1]
+            else:
+                if scratch is None or scratch.shape[0] < len(qs):
+                    scratch = torch.empty(len(qs), *grid.shape[1:], dtype=grid.dtype, device=grid.device)
+                block = scratch[: len(qs)]
+            out = {name: block[:, :, sl].unflatten(2, self.ctx.layout_shapes[name]) for name, sl in self.ctx.layout.slices.items()}
+            qf.per_query_quadrature(w, delta, t_list, wts, {k: v[rows] for k, v in sub.items()}, self.ctx.plan.resolve_output, out)
+            if not run:
+                grid.index_copy_(0, qs.to(grid.device), block)
 
     def phi(
         self,

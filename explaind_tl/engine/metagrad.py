@@ -46,7 +46,8 @@ from explaind_tl.engine import prefetch
 from explaind_tl.engine.plan import prepare_queries
 from explaind_tl.errors import CertificateWarning
 from explaind_tl.metrics import check_position
-from explaind_tl.model.functional import LossFunction, QueryFunction
+from explaind_tl.model.functional import QueryFunction
+from explaind_tl.model.training_loss import LossFunction
 from explaind_tl.optim_step import clipped, functional_step
 
 Params = dict[str, Tensor]

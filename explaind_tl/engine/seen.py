@@ -20,7 +20,8 @@ from explaind_tl.engine import prefetch
 from explaind_tl.engine.certify import Certifier
 from explaind_tl.engine.resume import Resume
 from explaind_tl.engine.setup import Setup
-from explaind_tl.model.functional import LossFunction, Params
+from explaind_tl.model.functional import Params
+from explaind_tl.model.training_loss import LossFunction
 
 
 def loss_function(ctx: Setup) -> LossFunction:

@@ -6,10 +6,14 @@ The rest of explaind_tl sees a model only through these modules:
   its config, anything else by a factory's import path), parameter signatures, and the one
   place that resolves stored import paths (:func:`.spec.resolve_import_path`).
 * :mod:`.functional` — the model as pure functions of its trainable parameters for
-  ``torch.func``: metric values, gradients, ReLU pre-activations and forcing, training-loss
-  gradients and jvps (:class:`.functional.QueryFunction`, :class:`.functional.LossFunction`).
+  ``torch.func``: metric values, gradients, ReLU pre-activations and forcing
+  (:class:`.functional.QueryFunction`).
+* :mod:`.training_loss` — the training loss's per-example gradients and directional
+  derivatives (:class:`.training_loss.LossFunction`), for the data axis.
 * :mod:`.readout` — the read-out forward of a ``HookedTransformer`` (only what reaches the
-  metric's position).
+  metric's position), which can record a tape of its parameter uses.
+* :mod:`.tape` — per-query parameter Jacobians from such a tape (the per-example-gradient
+  trick), pure tensor math.
 * :mod:`.components` — :class:`.components.ComponentMap`, the partition of the parameters into
   heads, MLPs, embeddings (TransformerLens naming), or any user-defined grouping.
 

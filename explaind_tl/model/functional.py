@@ -20,10 +20,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
-from explaind_tl.losses import last_token_cross_entropy
 from explaind_tl.model import is_hooked_transformer, move_model
 from explaind_tl.model.bridge import bridge_relu_hooks, is_transformer_bridge
 from explaind_tl.model.readout import Readout, readout_units, unsupported_reason
+from explaind_tl.model.tape import tape_jacobians
 
 Params = dict[str, Tensor]
 
@@ -86,7 +86,8 @@ def model_input(batch: dict[str, Tensor]) -> Tensor:
     raise KeyError("queries need a 'tokens' (or 'input') column")
 
 
-def _unsqueeze(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def batch_of_one(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One example's entries as a batch of one (a leading axis of 1), for a forward under ``vmap``."""
     return {k: v.unsqueeze(0) for k, v in batch.items()}
 
 
@@ -149,6 +150,8 @@ class QueryFunction:
         store: list[Tensor] | None = None,
         scale: list[Tensor] | None = None,
         path: tuple[Params, Tensor] | None = None,
+        tape: list | None = None,
+        shared: int = 1,
     ) -> Tensor:
         """Metric values ``[Q, O]``; ReLU pre-activations ``[Q, U]`` are appended to ``store``,
         each query's largest logit magnitude ``[Q]`` to ``scale``.
@@ -156,7 +159,9 @@ class QueryFunction:
         ``cert=True`` evaluates in ``cert_dtype`` (the certificate), otherwise in the working
         dtype; either through the read-out forward when it is in use, else the model's own.
         ``path=(delta, t)`` (read-out forward only): row ``i`` at ``params + t[i] * delta``
-        (:meth:`aggregate_quadrature`, :meth:`per_query_quadrature`).
+        (:meth:`aggregate_quadrature`, :meth:`per_query_quadrature`); ``tape`` (read-out
+        forward only) receives the parameters' uses (:func:`~explaind_tl.model.tape.tape_jacobians`),
+        ``shared`` rows share their forward up to the first MLP (:meth:`Readout.logits`).
         """
         batch = dict(batch)
         kmask, kval = batch.pop(KINK_MASK, None), batch.pop(KINK_ON, None)
@@ -164,12 +169,12 @@ class QueryFunction:
         readout = self.cert_readout if cert else self.readout
         if readout is not None:
             force = (kmask, kval) if kmask is not None else None
-            logits, z = readout.logits(params, model_input(batch), force, preacts=store is not None, path=path)
+            logits, z = readout.logits(params, model_input(batch), force, preacts=store is not None, path=path, tape=tape, shared=shared)
             if store is not None:
                 store.append(z)
         else:
-            if path is not None:
-                raise ValueError("path= needs the read-out forward")
+            if path is not None or tape is not None or shared != 1:
+                raise ValueError("path=, tape= and shared= need the read-out forward")
             x = model_input(batch)
             if x.is_floating_point():
                 x = x.to(next(iter(params.values())).dtype)
@@ -202,7 +207,7 @@ class QueryFunction:
             return None
         ref = self.cert_model if self.cert_dtype == torch.float64 else frozen_copy(self.model, torch.float64, self.device)
         p64 = None if params is None else {k: v.to(self.device, torch.float64) for k, v in params.items()}
-        err = _compare_readout(self.readout, ref, tokens.to(self.device), p64, tol, strict, "this model")
+        err = compare_readout(self.readout, ref, tokens.to(self.device), p64, tol, strict, "this model")
         if not err <= tol:
             self.readout = self.cert_readout = None
         return err
@@ -429,7 +434,7 @@ class QueryFunction:
         """Per-query gradients ``[Q, R, *shape]`` (``vmap`` over queries)."""
 
         def f(p: Params, example: dict[str, Tensor]) -> Tensor:
-            v = self._values(p, _unsqueeze(example))[0]
+            v = self._values(p, batch_of_one(example))[0]
             return v if resolve_outputs else v.sum().reshape(1)
 
         return vmap(jacrev(f), in_dims=(None, 0))(params, batch)
@@ -442,8 +447,10 @@ class QueryFunction:
         weights: Float[Tensor, "query piece node"] | Float[Tensor, "query node"],
         batch: dict[str, Tensor],
         resolve_outputs: bool,
+        out: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """``Σ_k Σ_j weights[i, k, j] ∇q_ik(params + t_j delta)`` per query, ``[Q, R, *shape]``.
+        """``Σ_k Σ_j weights[i, k, j] ∇q_ik(params + t_j delta)`` per query, ``[Q, R, *shape]``
+        (written into ``out``, views of a caller's buffer with those shapes, when given).
 
         A query's *pieces* ``k`` are evaluations of it with their own batch entries (the forced
         ReLU states of a kinked query's smooth pieces, :func:`~explaind_tl.quadrature.kink_pieces`)
@@ -451,28 +458,20 @@ class QueryFunction:
         ``[Q, pieces, n]`` (a piece of weight 0 pads a query with fewer pieces), or ``[Q, ...]``
         with ``[Q, n]`` for one piece each.
 
-        One ``vmap(jacrev)`` of ``p ↦ Σ_k Σ_j w_kj q_ik(p + t_j Δ)`` at ``p = params``: its
-        gradient is the weighted sum of the node and piece gradients, so both sums happen inside
-        the backward and one ``[Q, R, P]`` block is returned (autograd still forms one per node
-        and adds them). With the read-out forward, a query's pieces and nodes are rows of one
-        batch evaluated along the path (:meth:`Readout.logits` ``path=``), so each weight
-        matrix's gradient is one batched product over them and the positions: no per-node
-        ``[Q, R, P]`` block at all.
+        With the read-out forward, every query's pieces and nodes are rows of one batch evaluated
+        along the path (:meth:`Readout.logits` ``path=``, node-major, ``shared=`` pieces) with a
+        tape of the parameters' uses: one backward, batched over the outputs only, gives each use's output
+        cotangents, and :func:`~explaind_tl.model.tape.tape_jacobians` contracts them with the
+        uses' inputs over each query's rows (``xᵀ δ`` per weight matrix, for all queries and
+        outputs at once). That is, the per-example-gradient trick: no backward per query, no
+        ``[Q, R, P]`` block per node or piece. Otherwise one ``vmap(jacrev)`` of
+        ``p ↦ Σ_k Σ_j w_kj q_ik(p + t_j Δ)`` at ``p = params`` through the model's own forward:
+        its gradient is the weighted sum of the node and piece gradients.
         """
         if weights.dim() == 2:  # one piece per query
             weights, batch = weights[:, None], {k: v[:, None] for k, v in batch.items()}
-        n, k = len(t_nodes), weights.shape[1]
-        if self.readout is not None and n * k > 1:
-            t = torch.tensor(t_nodes, dtype=self.dtype, device=self.device).repeat(k)  # [k * n], node-minor
-            d = {name: v.to(self.dtype) for name, v in delta.items()}
-
-            def f_path(p: Params, example: dict[str, Tensor], w: Tensor) -> Tensor:
-                rows = {key: v.unsqueeze(1).expand(k, n, *v.shape[1:]).flatten(0, 1) for key, v in example.items()}
-                v = self._values(p, rows, path=(d, t))  # [k * n, O]
-                total = (v * w.reshape(-1, 1)).sum(0)
-                return total if resolve_outputs else total.sum().reshape(1)
-
-            return vmap(jacrev(f_path), in_dims=(None, 0, 0))(params, batch, weights.to(self.dtype))
+        if self.readout is not None:
+            return self._taped_quadrature(params, delta, t_nodes, weights, batch, resolve_outputs, out)
 
         def f(p: Params, example: dict[str, Tensor], w: Tensor) -> Tensor:
             total = None
@@ -481,7 +480,36 @@ class QueryFunction:
                 total = v if total is None else total + v
             return total if resolve_outputs else total.sum().reshape(1)
 
-        return vmap(jacrev(f), in_dims=(None, 0, 0))(params, batch, weights.to(self.dtype))
+        g = vmap(jacrev(f), in_dims=(None, 0, 0))(params, batch, weights.to(self.dtype))
+        if out is None:
+            return g
+        for name, v in g.items():
+            out[name].copy_(v)
+        return out
+
+    def _taped_quadrature(self, params: Params, delta: Params, t_nodes: list[float], weights: Float[Tensor, "query piece node"],
+                          batch: dict[str, Tensor], resolve_outputs: bool, out: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """:meth:`per_query_quadrature` through the read-out forward's tape.
+
+        Rows are node-major, then query, then piece (the grouped path form: each weight matrix
+        formed once per node), and a query's pieces share their rows up to the first MLP
+        (:meth:`Readout.logits` ``shared``).
+        """
+        n_q, k, n = weights.shape
+        rows = {key: v.unsqueeze(0).expand(n, *v.shape).flatten(0, 2) for key, v in batch.items()}  # [n * Q * k, ...]
+        t = torch.tensor(t_nodes, dtype=self.dtype, device=self.device)
+        w_rows = weights.to(self.dtype).permute(2, 0, 1).reshape(-1, 1)
+        d = {name: v.to(self.dtype) for name, v in delta.items()}
+        tape: list = []
+        with torch.enable_grad():  # the graph starts at the tape's first uses, not at the parameters
+            total = (self._values(params, rows, path=(d, t), tape=tape, shared=k) * w_rows).sum(0)  # [O]
+            if not resolve_outputs:
+                total = total.sum().reshape(1)
+            eye = torch.eye(len(total), dtype=total.dtype, device=total.device)
+            cot = torch.autograd.grad(total, [u.y for u in tape], grad_outputs=eye, is_grads_batched=True,
+                                      allow_unused=True, materialize_grads=True)
+        shapes = {name: v.shape for name, v in params.items()}
+        return tape_jacobians(tape, [c.detach() for c in cot], n_q, shapes, outer=n, out=out)
 
 
 def _rows_grad(f: Callable[[Params], Tensor], params: Params, resolve_outputs: bool) -> dict[str, Tensor]:
@@ -492,8 +520,8 @@ def _rows_grad(f: Callable[[Params], Tensor], params: Params, resolve_outputs: b
     return {k: g.unsqueeze(0) for k, g in grad(lambda p: f(p)[0])(params).items()}
 
 
-def _compare_readout(readout: Readout, reference: nn.Module, tokens: Tensor, params: Params | None, tol: float,
-                     strict: bool, what: str) -> float:
+def compare_readout(readout: Readout, reference: nn.Module, tokens: Tensor, params: Params | None, tol: float,
+                    strict: bool, what: str) -> float:
     """:meth:`Readout.check`; above ``tol`` raise (``strict``) or warn. Returns the difference."""
     err = readout.check(reference, tokens, params)
     if not err <= tol:
@@ -515,79 +543,3 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype, device: torch.device | str
     for p in m.parameters():
         p.requires_grad_(False)
     return m
-
-
-class LossFunction:
-    """Training-loss gradients for the data axis (``loss_fn(model, batch) -> [B]``).
-
-    Two ways to the data entries ``<G, ∇ℓ(x_i; w)>``: materialised per-example gradients
-    (:meth:`per_example_grad`, ``[B, P]``, then a contraction), or forward-mode directional
-    derivatives of the per-example losses along each tangent ``G`` (:meth:`per_example_dots`,
-    ``[T, B]``, no ``B x P`` block at all), which is far cheaper when there are few tangents.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: Callable, dtype: torch.dtype, device, fast_forward: bool = False) -> None:
-        self.model = frozen_copy(model, dtype, device)
-        self.loss_fn = loss_fn
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.wrapper = _LossModule(self.model, loss_fn)
-        per_token = getattr(loss_fn, "per_token", None)
-        self.token_wrapper = _LossModule(self.model, per_token) if callable(per_token) else None
-        # the built-in last-token cross entropy through the read-out forward (checked before use)
-        self.readout = None
-        if fast_forward and loss_fn is last_token_cross_entropy and unsupported_reason(self.model) is None:
-            self.readout = Readout(self.model, -1)
-
-    def check_readout(self, tokens: Tensor, tol: float = 1e-9) -> float | None:
-        """Compare the read-out forward with the model's own in float64 (see
-        :meth:`QueryFunction.check_readout`); switch it off with a warning above ``tol``."""
-        if self.readout is None:
-            return None
-        ref = frozen_copy(self.model, torch.float64, self.device)
-        err = _compare_readout(self.readout, ref, tokens.to(self.device), None, tol, False, "the training loss")
-        if not err <= tol:
-            self.readout = None
-        return err
-
-    def losses(self, params: Params, batch: dict[str, Tensor]) -> Float[Tensor, "batch"]:
-        """Per-example training losses ``[B]`` at ``params``."""
-        batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
-        if self.readout is not None:
-            logits, _ = self.readout.logits(params, batch["tokens"])
-            return torch.nn.functional.cross_entropy(logits, batch["label"], reduction="none")
-        return functional_call(self.wrapper, {"model." + k: v for k, v in params.items()}, (batch,))
-
-    def per_example_grad(self, params: Params, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``∇ℓ(x_i; w)`` for each row of ``batch``: dict of ``[B, *shape]``."""
-        return vmap(grad(lambda p, example: self.losses(p, _unsqueeze(example))[0]), in_dims=(None, 0))(params, batch)
-
-    def per_example_dots(self, params: Params, batch: dict[str, Tensor], tangents: Params, per_token: bool = False) -> Tensor:
-        """``<t, ∇ℓ(x_i; w)>`` for every tangent ``t`` (dict of ``[T, *shape]``) and row ``i``:
-        ``[T, B]``; with ``per_token``, of each token's loss term (``loss_fn.per_token``):
-        ``[T, B, n_terms]``.
-
-        One forward-mode pass over the batch per tangent (``vmap`` over tangents); the
-        per-example losses must not depend on each other (the ``loss_fn`` contract).
-        """
-        tan = {k: v.to(self.dtype) for k, v in tangents.items()}
-        f = self.token_losses if per_token else self.losses
-        return vmap(lambda t: jvp(lambda p: f(p, batch), (params,), (t,))[1])(tan)
-
-    def token_losses(self, params: Params, batch: dict[str, Tensor]) -> Float[Tensor, "batch term"]:
-        """Each row's loss split into its token terms, ``loss_fn.per_token(model, batch)`` (rows
-        sum to :meth:`losses`), through TransformerLens's forward."""
-        if self.token_wrapper is None:
-            raise ValueError("the training loss has no per_token split (loss_fn.per_token)")
-        batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
-        return functional_call(self.token_wrapper, {"model." + k: v for k, v in params.items()}, (batch,))
-
-
-class _LossModule(nn.Module):
-    def __init__(self, model: nn.Module, loss_fn: Callable) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.loss_fn(self.model, batch)

@@ -30,6 +30,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from explaind_tl.model import is_hooked_transformer
+from explaind_tl.model.tape import ParamUse
 
 Params = dict[str, Tensor]
 
@@ -173,7 +174,9 @@ class Readout:
             cols = _unit_columns(slot, d_mlp)
             mask = force[0][:, cols].reshape(-1, n_q, d_mlp)
             on = force[1][:, cols].reshape(-1, n_q, d_mlp)
-            post = torch.where(mask, torch.where(on, pre, torch.zeros_like(pre)), pre.relu())
+            # a 0/1 gate (the forced state, else the unit's own): a product, whose derivative under
+            # a batched backward is one multiplication (nested torch.where falls back to a loop)
+            post = pre * torch.where(mask, on, pre > 0).to(pre.dtype)
         else:
             post = self.act_fn(pre)
         return p.add(p.mm(post, m + "W_out"), m + "b_out")
@@ -186,6 +189,8 @@ class Readout:
         force: tuple[Bool[Tensor, "batch unit"], Bool[Tensor, "batch unit"]] | None = None,
         preacts: bool = False,
         path: tuple[Params, Float[Tensor, "row_or_node"]] | None = None,
+        tape: list[ParamUse] | None = None,
+        shared: int = 1,
     ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch unit"] | None]:
         """Logits at the read position(s) and, optionally, the MLP pre-activations.
 
@@ -198,6 +203,16 @@ class Readout:
                 ``params + t[b] * delta``), or one per group of rows (the batch is ``len(t)``
                 equal groups, node-major; group ``j`` at ``params + t[j] * delta``); ``delta``
                 over some trainable parameters (:class:`_Path`: the two forms and their costs).
+            tape: a list that receives every use of a parameter in ``params`` (:class:`ParamUse`),
+                for :func:`~explaind_tl.model.tape.tape_jacobians`.
+            shared: the batch is runs of this many consecutive rows with the same tokens and
+                path ``t`` that differ only in ``force`` (a kinked query's pieces): each run is
+                evaluated once up to the first MLP, where forcing starts to matter, and fanned
+                out there.
+
+        Raises:
+            ValueError: ``shared`` does not divide the batch, or a run's rows differ in tokens
+                or ``t``.
 
         Returns:
             ``(logits, preacts or None)``: logits ``[batch, d_vocab_out]`` at the read-out
@@ -205,14 +220,18 @@ class Readout:
             not read.
         """
         cfg = self.cfg
-        p = _Path({**self.base, **params}, *(path or (None, None)), batch=tokens.shape[0])
-        n_pos = tokens.shape[1]
+        n_rows, n_pos = tokens.shape
+        delta, t = path or (None, None)
+        full_path = dict(p={**self.base, **params}, delta=delta, t=t, batch=n_rows, tape=tape, trainable=frozenset(params))
+        if shared > 1:
+            tokens, t = _runs(tokens, t, shared)
+        p = _Path(**{**full_path, "t": t, "batch": tokens.shape[0]})
         read = sorted({q % n_pos for q in self.positions})
         top = read[-1]
         tok = tokens[:, : top + 1]
         # layer-0 attention from the (token, position) table when it is smaller than the batch;
         # then a one-layer model reads the embedded residual at the read positions only
-        table = p.delta is None and p["embed.W_E"].shape[0] * tok.shape[1] <= tok.numel()
+        table = p.delta is None and tape is None and p["embed.W_E"].shape[0] * tok.shape[1] <= tok.numel()
         only_read = table and cfg.n_layers == 1
         at = torch.tensor(read, device=tokens.device)
         if only_read:
@@ -230,17 +249,21 @@ class Readout:
             else:
                 x_attn = self._attention(p, layer, self._norm(p, f"blocks.{layer}.ln1", x), read if last else None)
             x = (x if only_read or not last else x[:, at]) + x_attn
+            if shared > 1 and layer == 0 and not cfg.attn_only:  # forcing starts to matter here
+                x, p = x.repeat_interleave(shared, dim=0), _Path(**full_path)
             if not cfg.attn_only:
                 slot = (layer * per_layer, read if last else every)
                 x = x + self._mlp(p, layer, self._norm(p, f"blocks.{layer}.ln2", x), slot, force, store)
+        if shared > 1 and cfg.attn_only:
+            x, p = x.repeat_interleave(shared, dim=0), _Path(**full_path)
         x = self._norm(p, "ln_final", x)  # [batch, read, d_model]
         logits = p.add(p.mm(x if self.many else x[:, -1], "unembed.W_U"), "unembed.b_U")
         if self.many:  # every position, 0 where nothing is read (out of place: vmap-safe)
-            full = torch.zeros(tokens.shape[0], n_pos, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+            full = torch.zeros(n_rows, n_pos, logits.shape[-1], dtype=logits.dtype, device=logits.device)
             logits = full.index_copy(1, at, logits)
         if not preacts:
             return logits, None
-        z = torch.zeros(tokens.shape[0], cfg.n_layers * per_layer, dtype=logits.dtype, device=logits.device)
+        z = torch.zeros(n_rows, cfg.n_layers * per_layer, dtype=logits.dtype, device=logits.device)
         for slot, pre in store:
             z[:, _unit_columns(slot, cfg.d_mlp)] = pre.reshape(pre.shape[0], -1)
         return logits, z
@@ -306,14 +329,29 @@ class _Path:
       a step's nodes over all queries this way and takes one gradient of their weighted sum.
 
     ``delta`` is ``None`` for the plain forward at ``w``.
+
+    With a ``tape`` (a list), every use of a parameter named in ``trainable`` appends a
+    :class:`ParamUse`: the operation, its input and its output, from which :func:`~explaind_tl.model.tape.tape_jacobians`
+    forms per-row-group parameter gradients out of the outputs' cotangents. Parameters then
+    enter only through :meth:`mm`, :meth:`add`, :meth:`mul` and :meth:`rows`, and each output
+    keeps the batch axis first (what :meth:`Readout.logits` does with a tape).
     """
 
-    def __init__(self, p: Params, delta: Params | None = None, t: Tensor | None = None, batch: int = 0) -> None:
+    def __init__(self, p: Params, delta: Params | None = None, t: Tensor | None = None, batch: int = 0,
+                 tape: list[ParamUse] | None = None, trainable: frozenset[str] = frozenset()) -> None:
         self.p, self.delta, self.t = p, delta, t
         self.grouped = t is not None and len(t) != batch
         if self.grouped and (len(t) == 0 or batch % len(t)):
             raise ValueError(f"path: {len(t)} values of t for {batch} rows (one per row, or one per equal group)")
         self.rows_per_node = batch // len(t) if self.grouped else 1
+        self.batch, self.tape, self.trainable = batch, tape, trainable
+
+    def _record(self, kind: str, name: str, x: Tensor | None, y: Tensor, extra=None) -> Tensor:
+        if self.tape is not None and name in self.trainable:
+            if not y.requires_grad:  # a use that depends on no earlier one (an embedding): a leaf
+                y.requires_grad_()
+            self.tape.append(ParamUse(kind, name, x, y, extra))
+        return y
 
     def __getitem__(self, name: str) -> Tensor:
         return self.p[name]
@@ -344,35 +382,49 @@ class _Path:
                 left, right = pattern.split("->")
                 w = einops.rearrange(w, f"node {left} -> node {right}")
             y = x.reshape(w.shape[0], -1, x.shape[-1]) @ w  # [node, rows of the node * ..., out]
-            return y.reshape(*x.shape[:-1], w.shape[-1])
+            return self._record("mm", name, x, y.reshape(*x.shape[:-1], w.shape[-1]), pattern)
         w = self.p[name]
         if pattern is not None:
             w = einops.rearrange(w, pattern)
         y = x @ w
-        if dw is None:
-            return y
-        if pattern is not None:
-            dw = einops.rearrange(dw, pattern)
-        return y + self._t(y) * (x @ dw)
+        if dw is not None:
+            if pattern is not None:
+                dw = einops.rearrange(dw, pattern)
+            y = y + self._t(y) * (x @ dw)
+        return self._record("mm", name, x, y, pattern)
 
     def add(self, y: Tensor, name: str) -> Tensor:
         """``y + b``, ``b`` broadcast over ``y``'s leading axes (its first is the batch)."""
         b, db = self.p[name], self.d(name)
         if db is not None and self.grouped:
-            return self._grouped(y, self._at_nodes(name), torch.add)
-        y = y + b
-        return y if db is None else y + self._t(y) * db
+            return self._record("add", name, None, self._grouped(y, self._at_nodes(name), torch.add))
+        out = y + b if db is None else y + b + self._t(y) * db
+        return self._record("add", name, None, out)
 
     def mul(self, y: Tensor, name: str) -> Tensor:
         """``y * w`` elementwise (a LayerNorm scale)."""
         w, dw = self.p[name], self.d(name)
         if dw is not None and self.grouped:
-            return self._grouped(y, self._at_nodes(name), torch.mul)
-        return y * w if dw is None else y * w + self._t(y) * (y * dw)
+            return self._record("mul", name, y, self._grouped(y, self._at_nodes(name), torch.mul))
+        out = y * w if dw is None else y * w + self._t(y) * (y * dw)
+        return self._record("mul", name, y, out)
 
     def rows(self, name: str, index: Tensor | slice) -> Tensor:
         """``W[index]`` (embedding rows): ``[batch, pos, d]`` for token ids ``[batch, pos]``;
-        for positions (a slice or 1-D ids) ``[pos, d]``, or ``[batch, pos, d]`` on a path."""
+        for positions (a slice or 1-D ids) ``[pos, d]``, or ``[batch, pos, d]`` on a path or
+        with a tape."""
+        out = self._rows(name, index)
+        if self.tape is None or name not in self.trainable:
+            return out
+        if isinstance(index, Tensor) and index.dim() == 2:
+            at = index
+        else:  # positions: each row's own copy, so its cotangent stays its own
+            at = torch.arange(self.p[name].shape[0], device=out.device)[index] if isinstance(index, slice) else index
+            at = at.expand(self.batch, -1)
+            out = out.expand(self.batch, *out.shape[-2:])
+        return self._record("rows", name, None, out, at)
+
+    def _rows(self, name: str, index: Tensor | slice) -> Tensor:
         w, dw = self.p[name], self.d(name)
         if dw is None:
             return w[index]
@@ -384,6 +436,22 @@ class _Path:
                 return wn[node[:, None], index]
             return wn[:, index].repeat_interleave(self.rows_per_node, dim=0)
         return w[index] + self.t.view(-1, 1, 1) * dw[index]
+
+
+def _runs(tokens: Int[Tensor, "batch pos"], t: Tensor | None, k: int) -> tuple[Tensor, Tensor | None]:
+    """The first row of each run of ``k`` rows (tokens, and a per-row ``t``), checked to be the
+    run's common value (:meth:`Readout.logits` ``shared``)."""
+    if tokens.shape[0] % k:
+        raise ValueError(f"shared={k} does not divide the batch of {tokens.shape[0]} rows")
+    runs = tokens.reshape(-1, k, tokens.shape[1])
+    if not torch.equal(runs, runs[:, :1].expand_as(runs)):
+        raise ValueError(f"shared={k}: rows of a run have different tokens")
+    if t is not None and len(t) == tokens.shape[0]:  # per-row path form
+        tr = t.reshape(-1, k)
+        if not torch.equal(tr, tr[:, :1].expand_as(tr)):
+            raise ValueError(f"shared={k}: rows of a run are at different points of the path")
+        t = t[::k]
+    return runs[:, 0], t
 
 
 def _project(x: Float[Tensor, "... d_model"], p: _Path, w: str, b: str) -> Float[Tensor, "... head d_head"]:

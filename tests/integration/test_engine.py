@@ -513,32 +513,46 @@ def test_per_query_jvp_equals_per_query_gradients(tmp_path, act_fn):
         explain(traj, test, by=("query",), query_grads="fast", progress=False)
 
 
-def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fast_forward", [False, True])
+def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch, fast_forward):
     """A chunk's per-query Jacobians taken two queries per call (each call padded to its own
     largest piece count) give the entries of one call per chunk (with a spare core: with one
-    thread a chunk is one call, see test_streamed_phi_is_the_double_buffered_computation)."""
+    thread a chunk is one call, see test_streamed_phi_is_the_double_buffered_computation).
+    Through the model's own forward (``vmap(jacrev)``) and through the read-out forward's tape;
+    a call of consecutive queries is written into the feature rows in place, the others through
+    a scratch block (both happen here)."""
+    import explaind_tl.engine.certify as certify
     from explaind_tl import ExplainOptions
     from explaind_tl.model.functional import QueryFunction
 
     train, test = modular_data()
     traj, _, _ = record(tmp_path, tiny_transformer("relu", seed=3), "adamw", train, steps=6)
     kw = dict(by=("query", "output", "train"), metric="logits", dtype=torch.float64, tol=1e-10, query_grads="grad",
-              fast_forward=False, progress=False)
+              fast_forward=fast_forward, progress=False)
     with looks_like_threads(2):
         one = explain(traj, test, **kw)
-    calls = []
+    calls, consecutive = [], []
     real = QueryFunction.per_query_quadrature
 
-    def spy(self, params, delta, t_nodes, weights, batch, resolve_outputs):
+    def spy(self, params, delta, t_nodes, weights, batch, resolve_outputs, out=None):
         calls.append(len(weights))
-        return real(self, params, delta, t_nodes, weights, batch, resolve_outputs)
+        return real(self, params, delta, t_nodes, weights, batch, resolve_outputs, out)
+
+    real_calls = certify.jacobian_calls
+
+    def spy_calls(counts, cap):
+        got = real_calls(counts, cap)
+        consecutive.extend(int(qs[-1]) - int(qs[0]) == len(qs) - 1 for qs in got)
+        return got
 
     monkeypatch.setattr(QueryFunction, "per_query_quadrature", spy)
+    monkeypatch.setattr(certify, "jacobian_calls", spy_calls)
     n_params = sum(p.numel() for p in traj.model().parameters() if p.requires_grad)
     mb = 2.5 * one.values.shape[1] * n_params * 8 / 2**20  # two queries per call
     with looks_like_threads(2):
         batched = explain(traj, test, options=ExplainOptions(jacobian_mb=mb), **kw)
     assert one.meta["kinks"] > 0 and max(calls) == 2 and len(calls) > 6 * len(test["label"]) // 2
+    assert any(consecutive) and not all(consecutive)  # both ways of writing the rows were taken
     assert_close_scaled(batched.values, one.values, 1e-12)
     assert batched.completeness.ok and one.completeness.ok
 

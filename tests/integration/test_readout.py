@@ -260,7 +260,7 @@ def test_readout_check_uses_grad_free_reference():
 def test_training_loss_through_readout_matches(relu_run):
     """The built-in last-token cross entropy through the read-out forward: same data entries."""
     from explaind_tl.losses import last_token_cross_entropy
-    from explaind_tl.model.functional import LossFunction
+    from explaind_tl.model.training_loss import LossFunction
 
     traj, test = relu_run
     assert traj.loss_fn is last_token_cross_entropy
@@ -435,3 +435,54 @@ def test_explain_next_token_metric_through_the_readout(tmp_path):
     assert per_q.meta["forward"] == "readout"
     assert_close_scaled(per_q.values, per_q_slow.values, 1e-9)
     assert per_q.completeness.summary()["total_rel"] < 1e-10
+
+
+@pytest.mark.parametrize("name", ["1L_relu", "2L_relu_LNPre", "attn_only_2L", "2L_gelu_LN"])
+@pytest.mark.parametrize("reads", ["gaps", "all_but_last"])
+def test_taped_per_query_quadrature_at_several_read_positions(name, reads):
+    """The per-query quadrature through the read-out forward's tape (pieces sharing their rows
+    up to the first MLP, nodes stacked node-major) equals ``vmap(jacrev)`` through
+    TransformerLens's forward, for a next-token metric read at several positions, per output
+    (position) and summed."""
+    model = randomised({**CONFIGS[name], "n_ctx": 6})
+    tok = lm_tokens(model, 4)
+    read = _reads(reads, tok.shape[1])
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(13)
+    delta = {k: 0.3 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+    metric, _ = resolve_metric("next_token_logprob", read, by_position=True)  # one output per read position
+    fast = QueryFunction(model, list(params), metric, dtype=torch.float64, position=read)
+    slow = QueryFunction(model, list(params), metric, dtype=torch.float64)
+    k, nodes = 2, [0.25, 0.75]
+    batch = {"tokens": tok[:, None].expand(-1, k, -1)}
+    if fast.has_kinks:
+        _, z = fast.values_and_preacts(params, {"tokens": tok}, cert=False)
+        keep = readout_units(model.cfg, tok.shape[1], read)
+        batch[KINK_MASK] = (torch.rand(len(tok), k, z.shape[1], generator=g) < 0.3) & keep
+        batch[KINK_ON] = torch.rand(len(tok), k, z.shape[1], generator=g) < 0.5
+    weights = torch.rand(len(tok), k, len(nodes), generator=g, dtype=torch.float64)
+    for resolve in (True, False):
+        q_fast = fast.per_query_quadrature(params, delta, nodes, weights, batch, resolve)
+        q_slow = slow.per_query_quadrature(params, delta, nodes, weights, batch, resolve)
+        assert next(iter(q_fast.values())).shape[:2] == (len(tok), len(read) if resolve else 1)
+        assert_close_scaled(q_fast, q_slow, 1e-11)
+
+
+def test_shared_rows_are_checked():
+    """``shared=k`` needs runs of ``k`` rows with equal tokens and path point: refused otherwise,
+    and equal to evaluating every row on its own when they are."""
+    model = randomised(dict(n_layers=2))
+    tok = tokens_for(model, n=3)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    delta = {k: 0.1 * torch.ones_like(v) for k, v in params.items()}
+    readout = Readout(model, -1)
+    runs = tok.repeat_interleave(2, 0)
+    t = torch.tensor([0.1, 0.1, 0.5, 0.5, 0.9, 0.9], dtype=torch.float64)
+    assert_close_scaled(readout.logits(params, runs, path=(delta, t), shared=2)[0],
+                        readout.logits(params, runs, path=(delta, t))[0], 1e-13)
+    with pytest.raises(ValueError, match="does not divide"):
+        readout.logits(params, runs, shared=4)
+    with pytest.raises(ValueError, match="different tokens"):
+        readout.logits(params, torch.cat([tok, tok]), shared=2)
+    with pytest.raises(ValueError, match="different points"):
+        readout.logits(params, runs, path=(delta, t + torch.arange(6) % 2 * 0.1), shared=2)

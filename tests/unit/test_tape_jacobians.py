@@ -1,0 +1,102 @@
+"""Per-group parameter gradients from a taped forward (:func:`tape_jacobians`), against loops.
+
+The oracle is the definition, written out with Python loops over groups, outputs and rows in
+float64: ``Σ_{rows of the group} xᵀ δ`` for a product, ``Σ δ`` for a bias, ``Σ x ⊙ δ`` for a
+scale, ``δ`` added to the rows read for an embedding.
+"""
+
+from __future__ import annotations
+
+import einops
+import pytest
+import torch
+from conftest import assert_close_scaled
+
+from explaind_tl.model.tape import ParamUse, tape_jacobians
+
+G, OUTER, INNER, POS, N_OUT = 3, 2, 4, 5, 6  # groups, node blocks, rows per group and block, positions, outputs
+B = OUTER * G * INNER
+
+
+def group_of(row: int) -> int:
+    """Row ``(a * G + g) * INNER + i`` belongs to group ``g``."""
+    return (row // INNER) % G
+
+
+def random(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def oracle(use: ParamUse, d: torch.Tensor, shape) -> torch.Tensor:
+    out = torch.zeros(G, N_OUT, *shape, dtype=torch.float64)
+    for r in range(B):
+        g = group_of(r)
+        for o in range(N_OUT):
+            if use.kind == "mm":
+                w = torch.einsum("pi,pj->ij", use.x[r].reshape(-1, use.x.shape[-1]), d[o, r].reshape(-1, d.shape[-1]))
+                if use.extra is not None:
+                    left, right = use.extra.split("->")
+                    w = einops.rearrange(w, f"{right} -> {left}", **dict(zip(left.split(), shape)))
+                out[g, o] += w
+            elif use.kind == "add":
+                out[g, o] += d[o, r].reshape(-1, *shape).sum(0)
+            elif use.kind == "mul":
+                out[g, o] += (d[o, r] * use.x[r]).reshape(-1, *shape).sum(0)
+            else:  # rows
+                for p in range(POS):
+                    out[g, o, int(use.extra[r, p])] += d[o, r, p]
+    return out
+
+
+def uses():
+    heads, d_model, d_head = 2, 3, 4
+    x = random(B, POS, d_model, seed=1)
+    return {
+        "W": (ParamUse("mm", "W", x, random(B, POS, 7, seed=2)), (d_model, 7)),
+        "W_Q": (ParamUse("mm", "W_Q", x, random(B, POS, heads * d_head, seed=3), "head d_model d_head -> d_model (head d_head)"),
+                (heads, d_model, d_head)),
+        "b": (ParamUse("add", "b", None, random(B, POS, heads, d_head, seed=4)), (heads, d_head)),
+        "ln.w": (ParamUse("mul", "ln.w", random(B, POS, d_model, seed=5), random(B, POS, d_model, seed=6)), (d_model,)),
+        "W_E": (ParamUse("rows", "W_E", None, random(B, POS, d_model, seed=7),
+                     torch.randint(0, 9, (B, POS), generator=torch.Generator().manual_seed(8))), (9, d_model)),
+    }
+
+
+@pytest.mark.parametrize("name", ["W", "W_Q", "b", "ln.w", "W_E"])
+def test_each_use_against_loops(name):
+    use, shape = uses()[name]
+    d = random(N_OUT, *use.y.shape, seed=9)
+    got = tape_jacobians([use], [d], G, {name: torch.Size(shape)}, outer=OUTER)[name]
+    want = oracle(use, d, shape)
+    assert got.shape == want.shape
+    assert_close_scaled(got, want, 1e-13)
+    # the grouping matters: the same rows read as consecutive groups (outer=1) give another answer
+    other = tape_jacobians([use], [d], G, {name: torch.Size(shape)}, outer=1)[name]
+    assert float((other - want).abs().max()) > 1e-3
+
+
+def test_uses_add_up_unused_are_zero_and_out_is_written_in_place():
+    """A parameter used twice gets the sum; one never used gets zeros; ``out`` (strided views of
+    one buffer, filled with garbage first) receives exactly the returned values."""
+    (use, shape) = uses()["W"]
+    twice = ParamUse("mm", "W", random(*use.x.shape, seed=10), use.y)
+    d1, d2 = random(N_OUT, *use.y.shape, seed=11), random(N_OUT, *use.y.shape, seed=12)
+    shapes = {"W": torch.Size(shape), "unused": torch.Size((2, 3))}
+    got = tape_jacobians([use, twice], [d1, d2], G, shapes, outer=OUTER)
+    assert_close_scaled(got["W"], oracle(use, d1, shape) + oracle(twice, d2, shape), 1e-13)
+    assert bool((got["unused"] == 0).all()) and got["unused"].shape == (G, N_OUT, 2, 3)
+
+    buf = torch.full((G, N_OUT, 21 + 6), float("nan"), dtype=torch.float64)
+    out = {"W": buf[:, :, :21].unflatten(2, shape), "unused": buf[:, :, 21:].unflatten(2, (2, 3))}
+    ret = tape_jacobians([use, twice], [d1, d2], G, shapes, outer=OUTER, out=out)
+    assert ret is out and not bool(buf.isnan().any())
+    assert_close_scaled(buf[:, :, :21].unflatten(2, shape), got["W"], 1e-13)
+    assert bool((buf[:, :, 21:] == 0).all())
+
+
+def test_refusals():
+    use, _ = uses()["W"]
+    with pytest.raises(ValueError, match="no parameter use"):
+        tape_jacobians([], [], G, {"W": torch.Size((3, 7))})
+    with pytest.raises(ValueError, match="unknown parameter use"):
+        tape_jacobians([ParamUse("conv", "W", use.x, use.y)], [random(N_OUT, *use.y.shape, seed=0)], G, {"W": torch.Size((3, 7))})
