@@ -25,7 +25,8 @@ Params = dict[str, Tensor]
 
 @dataclass(frozen=True)
 class ParamUse:
-    """One use of a trainable parameter in a taped forward (:class:`_Path` with a ``tape``).
+    """One use of a trainable parameter in a taped forward (:class:`~explaind_tl.model.readout.Readout`
+    with a ``tape``).
 
     ``kind`` says how output ``y`` (``[batch, ...]``) depends on parameter ``name``:
 
@@ -55,7 +56,7 @@ def tape_jacobians(
     """Per-group parameter gradients of ``F`` from a taped forward and its outputs' cotangents.
 
     Rows of the batch must not interact (each row's outputs depend on the parameters only
-    through its own rows of every ``y``), as in :class:`Readout`. Then the gradient of
+    through its own rows of every ``y``), as in :class:`~explaind_tl.model.readout.Readout`. Then the gradient of
     ``F_o`` with respect to a parameter, restricted to the rows of one group, is the sum over
     those rows of each use's local gradient: ``xᵀ δ`` for a product, ``Σ δ`` for a bias,
     ``Σ x ⊙ δ`` for a scale, ``δ`` scattered to the rows read for an embedding, where
