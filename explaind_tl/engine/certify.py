@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
@@ -56,6 +57,22 @@ RESTART_EVERY = 16
 # a Jacobian call pads its queries to its largest piece count: at most this many times the
 # pieces it really evaluates (queries sorted by piece count split where padding would exceed it)
 PAD_WASTE = 4.0
+
+
+@dataclass
+class _Chunk:
+    """What one query chunk of :meth:`Certifier.phi` hands back: its accepted rows (``part``), its
+    certificate records, the nodes it ended with, the kinks it found, whether it was recomputed
+    in float64, and its fused contractions (``dots``, when asked for)."""
+
+    part: Tensor
+    measured: Tensor
+    attributed: Tensor
+    bound: Tensor
+    nodes: int
+    kinks: int
+    float64: bool
+    dots: Tensor | None
 
 
 def jacobian_calls(counts: Tensor, cap: int, waste: float = PAD_WASTE) -> list[Tensor]:
@@ -167,7 +184,7 @@ class Certifier:
         return vals, (torch.cat(pre) if pre else None), torch.cat(scale).to(vals.device, torch.float64)
 
     # ------------------------------------------------------------- quadrature
-    def _kinks(self, s: int, w: Params, delta: Params, idx: Tensor, t_nodes: Tensor, z0: Tensor, z1: Tensor, scan_all: bool,
+    def _kinks(self, w: Params, delta: Params, idx: Tensor, t_nodes: Tensor, z0: Tensor, z1: Tensor, scan_all: bool,
                qf=None):
         """Sign changes of the chunk's relevant ReLU pre-activations, sampled at 0, the nodes and 1.
 
@@ -197,7 +214,6 @@ class Certifier:
             u = self.ctx.unit_index[u]
         if len(q) and qf.path_preacts is not None:
             ts = self._deep_kinks(w, delta, idx[cand], t, z, q, u_sampled, u, ts, qf)
-        self.kinks_seen[s] = self.kinks_seen.get(s, 0) + len(q)
         return idx[cand][q], u, ts, on
 
     def _force_deep_units(self, mask: Tensor, val: Tensor, first_row: int, queries: Tensor, z0: Tensor) -> None:
@@ -274,8 +290,9 @@ class Certifier:
         tangents: Params | None = None,
         out: Tensor | None = None,
         qf=None,
-    ) -> Float[Tensor, "row param_or_tangent"]:
-        """``φ̂`` for the rows of one query chunk with ``n`` shared Gauss–Legendre nodes
+    ) -> tuple[Float[Tensor, "row param_or_tangent"], int]:
+        """``φ̂`` for the rows of one query chunk with ``n`` shared Gauss–Legendre nodes, and the
+        number of (query, unit) kinks found inside the segment
         (``qf``: the query function, default the working dtype's; ``w``, ``delta`` and
         ``tangents`` in its dtype).
 
@@ -293,9 +310,10 @@ class Certifier:
         qf = qf or self.ctx.qf
         t_nodes, w_nodes = gauss_legendre(n)
         idx_cpu = idx.cpu()
-        rows_q, weights, force = idx_cpu, w_nodes[None, :].expand(len(idx_cpu), n), None
+        rows_q, weights, force, n_kinks = idx_cpu, w_nodes[None, :].expand(len(idx_cpu), n), None, 0
         if ends is not None:
-            q, u, ts, on = self._kinks(s, w, delta, idx, t_nodes, *ends, scan_all=n > self.nodes, qf=qf)
+            q, u, ts, on = self._kinks(w, delta, idx, t_nodes, *ends, scan_all=n > self.nodes, qf=qf)
+            n_kinks = len(q)
             if len(q):
                 self.n_units = len(self.ctx.unit_filter) if self.ctx.unit_filter is not None else ends[0].shape[1]
                 kp = kink_pieces(t_nodes, q, u, ts, on)
@@ -321,12 +339,12 @@ class Certifier:
         o = plan.rows_per_query
         if tangents is None and plan.resolve_query:
             self._per_query_jacobians(qf, w, delta, t_nodes, pos, weights, sub, phi.view(len(idx), o, phi.shape[1]))
-            return phi
+            return phi, n_kinks
         if tangents is None:  # aggregated rows: the node-weighted gradient of the weighted query sum
             rw = (plan.weights[rows_q][:, None] * weights).to(self.ctx.device)
             g = qf.aggregate_quadrature(w, delta, t_nodes.tolist(), rw, sub, plan.resolve_output)  # [O', *]
             phi += self.ctx.layout.flatten(g, lead=1, dtype=phi.dtype)
-            return phi
+            return phi, n_kinks
         for j, tj in enumerate(t_nodes.tolist()):
             p = {k: w[k] + tj * delta[k] for k in self.ctx.names}
             d = qf.per_query_directional(p, sub, tangents, plan.resolve_output)  # [T, rows, O']
@@ -334,7 +352,7 @@ class Certifier:
             per_q = torch.zeros(d.shape[0], len(idx), o, dtype=torch.float64, device=self.ctx.device)
             per_q.index_add_(1, pos.to(self.ctx.device), d)
             phi += per_q.reshape(d.shape[0], -1).T
-        return phi
+        return phi, n_kinks
 
     def _per_query_jacobians(self, qf, w: Params, delta: Params, t_nodes: Tensor, pos: Tensor, weights: Tensor,
                              sub: dict[str, Tensor], grid: Float[Tensor, "query output param"]) -> None:
@@ -345,7 +363,8 @@ class Certifier:
         ``pos``, ``weights`` and ``sub`` describe the rows (pieces): each row's query, its node
         weights and its batch entries. Queries go in calls of at most ``jacobian_mb`` of
         Jacobians (:func:`jacobian_calls`), each padded to its largest piece count with pieces
-        of weight 0.
+        of weight 0, and written into ``grid`` as they are formed (by index where a call's
+        queries are not consecutive).
         """
         counts = torch.bincount(pos, minlength=grid.shape[0])
         rows_of = torch.argsort(pos, stable=True)  # rows grouped by query
@@ -353,25 +372,19 @@ class Certifier:
         per_query = grid.shape[1] * self.ctx.layout.numel * torch.finfo(qf.dtype).bits // 8
         cap = max(1, int(self.ctx.options.jacobian_mb * 2**20) // per_query)
         dev, t_list = self.ctx.device, t_nodes.tolist()
-        scratch = None
         for qs in jacobian_calls(counts, cap):
             c = counts[qs][:, None]
             slot = torch.arange(int(c.max()))[None, :]
             table = rows_of[first[qs][:, None] + torch.minimum(slot, c - 1)]  # [q, pieces]: padded with a real row
             wts = torch.where((slot < c)[..., None], weights[table], 0.0).to(dev)
             rows = table.to(dev)
-            # consecutive queries are written in place, others into a scratch block copied row-wise
+            # consecutive queries are written into their rows' view, others by index (index_copy_
+            # into the whole grid as each parameter's Jacobians are formed)
             run = int(qs[-1]) - int(qs[0]) == len(qs) - 1
-            if run:
-                block = grid[int(qs[0]) : int(qs[-1]) + 1]
-            else:
-                if scratch is None or scratch.shape[0] < len(qs):
-                    scratch = torch.empty(len(qs), *grid.shape[1:], dtype=grid.dtype, device=grid.device)
-                block = scratch[: len(qs)]
+            block, index = (grid[int(qs[0]) : int(qs[-1]) + 1], None) if run else (grid, qs.to(grid.device))
             out = {name: block[:, :, sl].unflatten(2, self.ctx.layout_shapes[name]) for name, sl in self.ctx.layout.slices.items()}
-            qf.per_query_quadrature(w, delta, t_list, wts, {k: v[rows] for k, v in sub.items()}, self.ctx.plan.resolve_output, out)
-            if not run:
-                grid.index_copy_(0, qs.to(grid.device), block)
+            qf.per_query_quadrature(w, delta, t_list, wts, {k: v[rows] for k, v in sub.items()}, self.ctx.plan.resolve_output,
+                                    out, index)
 
     def phi(
         self,
@@ -438,64 +451,25 @@ class Certifier:
         dots = None if on_phi is None else torch.zeros(plan.n_rows, blocks.n_comp, on_phi.shape[1], dtype=torch.float64,
                                                        device=self.ctx.device)
         fused = () if on_phi is None else (blocks, on_phi)
-        n_max = 0
+        n_max, kinks = 0, 0
         for idx in self.ctx.chunks():
             rs = self.ctx.row_slice(idx)
-            meas = plan.rows(q1[0][idx], idx) - plan.rows(q0[0][idx], idx)
-            # rounding floor of the float64 forwards that measured it: logit scale at both ends
-            sc = (q0[2][idx] + q1[2][idx])[:, None].expand(len(idx), q0[0].shape[1])
-            floor = plan.rows(sc, idx)
-            n0 = n = self.start_nodes.get(int(idx[0]), self.nodes)
-            att_prev, worst_prev, stalls = None, math.inf, 0
             # per-query rows are written in place: into φ̂'s own rows, or with a sink into the scratch
             target = (phi[: rs.stop - rs.start] if sink is not None else phi[rs]) if in_place else None
-            while True:
-                self.kinks_seen[s] = 0
-                part = self._phi_chunk(s, w, delta, idx, n, ends, tangents, out=target)
-                if tangents is None:
-                    att, mag, *part_dots = dot_and_magnitude(part, dflat, *fused)
-                else:
-                    att, mag = part.sum(1), part.abs().sum(1)
-                res = (meas - att).abs()
-                bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps, floor)
-                failing = res > bound
-                if not bool(failing.any()) or n * 2 > self.max_nodes:
-                    break
-                # Stop refining once what is left is rounding in the working dtype (e.g. float32
-                # gradients of saturated log-probs), not quadrature error: either doubling the
-                # nodes moved every failing row by much less than its residual, or two doublings
-                # in a row did not shrink the worst residual/bound ratio.
-                worst = float((res / bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
-                stalls = stalls + 1 if worst > STALLED * worst_prev else 0
-                if stalls >= 2:
-                    break
-                if att_prev is not None and bool(((att - att_prev).abs()[failing] <= SETTLED * res[failing]).all()):
-                    break
-                att_prev, worst_prev = att, worst
-                n *= 2
-            if bool(failing.any()) and self.ctx.dtype != torch.float64:
-                # What is left may be rounding inside the working dtype's gradients (float32
-                # gradients of saturated log-probs cancel), which the rounding allowance, made for
-                # rounding of φ̂'s entries, does not cover: the chunk once more in float64, with
-                # the same nodes and pieces, stored where the float32 one was.
-                part, att, mag, *part_dots = self._phi_float64(s, w_s, delta64, idx, n, ends, vectors,
-                                                               target, dflat, fused)
-                res = (meas - att).abs()
-                bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps, floor)
+            c = self._certified_chunk(s, idx, w, w_s, delta, delta64, dflat, ends, tangents, vectors, target, fused, q0, q1)
+            n_max, kinks = max(n_max, c.nodes), kinks + c.kinks
+            if c.float64:
                 self.float64_steps[s] = True
-            if self.adaptive_nodes:
-                margin = float((res / bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
-                self._adapt_start(int(idx[0]), n0, n, margin)
-            n_max = max(n_max, n)
             if not in_place:
-                phi[rs] += part
+                phi[rs] += c.part
             elif sink is not None:
-                sink(rs, part)
+                sink(rs, c.part)
             if dots is not None:
-                dots[rs] += part_dots[0]
-            measured[rs] += meas.cpu()
-            attributed[rs] += att.cpu()
-            bounds[rs] += bound.cpu()
+                dots[rs] += c.dots
+            measured[rs] += c.measured.cpu()
+            attributed[rs] += c.attributed.cpu()
+            bounds[rs] += c.bound.cpu()
+        self.kinks_seen[s] = kinks
         self.nodes_used[s] = n_max
         self.step_measured[s] = measured
         self.step_attributed[s] = attributed
@@ -503,6 +477,59 @@ class Certifier:
         if sink is not None:
             phi = None
         return phi if dots is None else (phi, dots)
+
+    def _certified_chunk(self, s: int, idx: Tensor, w: Params, w_s: Params, delta: Params, delta64: Params, dflat: Tensor,
+                         ends, tangents: Params | None, vectors: Tensor | None, target: Tensor | None, fused: tuple,
+                         q0: tuple, q1: tuple) -> _Chunk:
+        """One query chunk of :meth:`phi`: its ``φ̂`` rows (into ``target`` when given), refined
+        until they meet the certificate or refinement stops, and the chunk's certificate records.
+        Of the certifier's state it touches only the chunk's own node controller
+        (``start_nodes``/``cooldown`` under the chunk's first query).
+        """
+        plan = self.ctx.plan
+        meas = plan.rows(q1[0][idx], idx) - plan.rows(q0[0][idx], idx)
+        # rounding floor of the float64 forwards that measured it: logit scale at both ends
+        sc = (q0[2][idx] + q1[2][idx])[:, None].expand(len(idx), q0[0].shape[1])
+        floor = plan.rows(sc, idx)
+        n0 = n = self.start_nodes.get(int(idx[0]), self.nodes)
+        att_prev, worst_prev, stalls = None, math.inf, 0
+        float64 = False
+        while True:
+            part, kinks = self._phi_chunk(s, w, delta, idx, n, ends, tangents, out=target)
+            if tangents is None:
+                att, mag, *part_dots = dot_and_magnitude(part, dflat, *fused)
+            else:
+                (att, mag), part_dots = (part.sum(1), part.abs().sum(1)), []
+            res = (meas - att).abs()
+            bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps, floor)
+            failing = res > bound
+            if not bool(failing.any()) or n * 2 > self.max_nodes:
+                break
+            # Stop refining once what is left is rounding in the working dtype (e.g. float32
+            # gradients of saturated log-probs), not quadrature error: either doubling the
+            # nodes moved every failing row by much less than its residual, or two doublings
+            # in a row did not shrink the worst residual/bound ratio.
+            worst = float((res / bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
+            stalls = stalls + 1 if worst > STALLED * worst_prev else 0
+            if stalls >= 2:
+                break
+            if att_prev is not None and bool(((att - att_prev).abs()[failing] <= SETTLED * res[failing]).all()):
+                break
+            att_prev, worst_prev = att, worst
+            n *= 2
+        if bool(failing.any()) and self.ctx.dtype != torch.float64:
+            # What is left may be rounding inside the working dtype's gradients (float32
+            # gradients of saturated log-probs cancel), which the rounding allowance, made for
+            # rounding of φ̂'s entries, does not cover: the chunk once more in float64, with
+            # the same nodes and pieces (the same kinks, found again), stored where the float32 one was.
+            part, att, mag, *part_dots = self._phi_float64(s, w_s, delta64, idx, n, ends, vectors, target, dflat, fused)
+            res = (meas - att).abs()
+            bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps, floor)
+            float64 = True
+        if self.adaptive_nodes:
+            margin = float((res / bound.clamp_min(torch.finfo(torch.float64).tiny)).max())
+            self._adapt_start(int(idx[0]), n0, n, margin)
+        return _Chunk(part, meas, att, bound, n, kinks, float64, part_dots[0] if part_dots else None)
 
     def _phi_float64(self, s: int, w_s: Params, delta64: Params, idx: Tensor, n: int, ends, vectors: Tensor | None,
                      out: Tensor | None, dflat: Tensor, fused: tuple = ()) -> tuple[Tensor, ...]:
@@ -512,9 +539,7 @@ class Certifier:
         qf64 = self.ctx.float64_query_function()
         w64 = {k: w_s[k].to(self.ctx.device, torch.float64) for k in self.ctx.names}
         tan64 = None if vectors is None else self.ctx.layout.unflatten(vectors.to(self.ctx.device, torch.float64))
-        kinks = self.kinks_seen.get(s, 0)
-        part = self._phi_chunk(s, w64, delta64, idx, n, ends, tan64, out=out, qf=qf64)
-        self.kinks_seen[s] = kinks  # the same kinks, found again
+        part, _ = self._phi_chunk(s, w64, delta64, idx, n, ends, tan64, out=out, qf=qf64)  # the same kinks, found again
         if tan64 is None:
             return (part, *dot_and_magnitude(part, dflat, *fused))
         return part, part.sum(1), part.abs().sum(1)

@@ -8,7 +8,8 @@ follow the training examples as pseudo-entries (:data:`explaind_tl.axes.PSEUDO`)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -22,6 +23,10 @@ from explaind_tl.engine.resume import Resume
 from explaind_tl.engine.setup import Setup
 from explaind_tl.model.functional import Params
 from explaind_tl.model.training_loss import LossFunction
+
+# Ã is held as a float64 scale times its buffer; the scale (a product of the β's) restarts at 1
+# before it falls below this (float32 buffers then stay far from overflow)
+RESCALE_BELOW = 2.0**-60
 
 
 def loss_function(ctx: Setup) -> LossFunction:
@@ -47,7 +52,10 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
 
     The ``[rows, P]`` state (``φ̂_s``, ``Ã_s``) lives in preallocated buffers in the working
     dtype, columns in the component blocks' order (:class:`~explaind_tl.contraction.Blocks`),
-    updated in place; the data entries are one GEMM per component block with the step's
+    updated in place; ``Ã_s`` is held as a float64 scale times its buffer, the scale being the
+    product of the β's since it last restarted, so that each step's update of the buffer is one
+    pass, ``A_s = A_{s+1} + (P_s / scale_s) ⊙ φ_s``, and the scale goes into the GEMMs'
+    factor and the flat vectors (:data:`RESCALE_BELOW`); the data entries are one GEMM per component block with the step's
     per-example gradients, and every other entry is a float64 contraction with a flat vector
     (docs/design.md §4, "the sweep's arithmetic").
     """
@@ -62,7 +70,9 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
     # Ã_s) run in a worker thread while the main thread computes the next φ̂: Ã is then
     # double-buffered (the worker reads Ã_s while Ã_{s-1} is written into the other buffer).
     # Double-buffered, φ̂_s is written into the free buffer (sorted into it, with a permutation)
-    # and turned into Ã_s there in place, so no [rows, P] matrix is held beside the two.
+    # and turned into Ã_s there in place, so no [rows, P] matrix is held beside the two; the
+    # worker does that update too, first in its job, while the main thread measures the next
+    # step's ends, and the main thread waits for it before it writes into Ã_{s+1}'s buffer.
     overlap = ctx.prefetch
     A_bufs = [torch.zeros(R, P, dtype=ctx.dtype, device=ctx.device) for _ in range(2 if overlap else 1)]
     cur = 0  # A_bufs[cur] holds Ã_{s+1} (blocks' order)
@@ -73,14 +83,17 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
     phi_out = None if overlap and blocks.perm is None else torch.empty(phi_rows, P, dtype=ctx.dtype, device=ctx.device)
     phi_sorted = torch.empty(R, P, dtype=ctx.dtype, device=ctx.device) if blocks.perm is not None and not overlap else None
     beta_next = 0.0  # β_{s+1} of the step after the current one (Ã_b = 0 at the window's end)
+    a_scale = 1.0  # Ã_{s+1} = a_scale · A_bufs[cur]
     done_before = b
     q1 = None
     lossf = loss_function(ctx)
     pool = ThreadPoolExecutor(1, thread_name_prefix="explaind-data") if overlap else None
     pending: Future | None = None
+    ready: threading.Event | None = None  # set once the pending job has updated Ã's buffer
 
-    def data_job(G: Tensor, g_scale: float, ids: Tensor, w_work: Params, k: int, scale: float,
+    def data_job(prepare: Callable[[], Tensor], g_scale: float, ids: Tensor, w_work: Params, k: int, scale: float,
                  A: Tensor, on_A: dict[str, Tensor], beta: float):
+        G = prepare()  # Ã_s's buffer update first (the main thread waits for it before it writes φ̂ again)
         parts, data_sum = [], torch.zeros(R, ctx.n_comp, dtype=torch.float64)
         for cid, contrib in data_entries(ctx, lossf, G, g_scale, ids, w_work):
             contrib = scale * contrib.cpu()
@@ -158,17 +171,23 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
                 kw = {"on_phi": torch.stack(list(on_phi.values()), 1)} if fuse else {}
                 nxt = (cur + 1) % len(A_bufs)
                 A = A_bufs[nxt]
+                if ready is not None:  # the worker still reads this buffer (Ã_{s+2}) for its update
+                    _wait(ready, pending)
+                    ready = None
+                # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1} with Ã = scale · (buffer): Ã_{s+1} enters Ã_s
+                # with the factor `carried`, which becomes Ã_s's scale, so the buffer's update
+                # A_s = A_{s+1} + (P_s / scale_s) ⊙ φ_s is one pass (coef 1); below
+                # RESCALE_BELOW the scale restarts at 1 (A_s = P_s ⊙ φ_s + carried · A_{s+1})
+                carried = beta_next * a_scale if co.has_buffer else 0.0
+                new_scale = carried if carried >= RESCALE_BELOW else 1.0
+                coef = carried / new_scale
+                Pw = (Pv / new_scale).to(ctx.dtype)
                 if stream:
                     if e is not None:
                         raise RuntimeError("streamed φ̂ needs an update without e_s ⊙ gt_s (not Nesterov)")
-                    Pw = Pv.to(ctx.dtype)
 
-                    def fold(rs: slice, part: Tensor, A=A, Pw=Pw, beta=beta_next, momentum=co.has_buffer) -> None:
-                        # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1}, these rows (Ã_{s+1} is in A: one buffer)
-                        if momentum:
-                            A[rs].mul_(beta).addcmul_(part, Pw)
-                        else:
-                            torch.mul(part, Pw, out=A[rs])
+                    def fold(rs: slice, part: Tensor, A=A, Pw=Pw, coef=coef) -> None:
+                        update_adjoint(A[rs], A[rs], part, Pw, coef)  # these rows (A_{s+1} is in A: one buffer)
 
                     got = cert.phi(s, rec.params, rec.next_params, q0, q1, out=phi_out, sink=fold, **kw)
                 elif overlap and phi_out is None:
@@ -184,33 +203,30 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
                 else:  # before φ_s may become Ã_s in place
                     dphi = _contract(blocks, phi, on_phi)
                 e_phi = torch.mul(phi, e.to(ctx.dtype)) if e is not None else None
-                # Ã_s = P_s ⊙ φ_s + β_{s+1} Ã_{s+1} (in the other buffer when double-buffered)
-                if stream:  # folded chunk by chunk already
-                    pass
-                elif phi is A:  # φ_s sits in that buffer: scale it in place
-                    A.mul_(Pv.to(ctx.dtype))
-                    if co.has_buffer:
-                        A.add_(A_bufs[cur], alpha=beta_next)
-                elif co.has_buffer:
-                    torch.mul(A_bufs[cur], beta_next, out=A).addcmul_(phi, Pv.to(ctx.dtype))
-                else:
-                    torch.mul(phi, Pv.to(ctx.dtype), out=A)
-                cur = nxt
+                updated = threading.Event()
+
+                def prepare(A=A, prev=A_bufs[cur], phi=phi, Pw=Pw, coef=coef, e_phi=e_phi, alpha=co.c * new_scale,
+                            updated=updated) -> Tensor:
+                    # the buffer's update (in the other buffer when double-buffered; φ_s may sit
+                    # there), then G_s = c_s Ã_s + e_s ⊙ φ_s (without e_s: the GEMMs on Ã_s take c_s)
+                    if not stream:  # streamed: folded chunk by chunk already
+                        update_adjoint(A, prev, phi, Pw, coef)
+                    updated.set()  # prev (Ã_{s+1}'s buffer) is free for φ̂_{s-1}
+                    return e_phi.add_(A, alpha=alpha) if e_phi is not None else A
+
+                cur, a_scale = nxt, new_scale
                 beta_next = co.beta if co.has_buffer else 0.0
-                # gradient gt_s enters with G_s = c_s Ã_s + e_s ⊙ φ_s: without e_s, GEMMs on Ã_s scaled by c_s
-                if e_phi is not None:
-                    G, g_scale = e_phi.add_(A, alpha=co.c), 1.0
-                else:
-                    G, g_scale = A, co.c
+                g_scale = 1.0 if e_phi is not None else co.c * a_scale
+                on_A = {name: a_scale * v for name, v in on_A.items()}  # contracted with the buffer
                 k = plan.bin_of(s)
                 # training examples seen at step s: their entries (the worker's, with overlap)
                 ids = rec.batch_ids.to(torch.long)
                 # and every other entry: float64 contractions of Ã_s (in the job) and of φ̂_s
                 # (dphi, above) with flat vectors
-                job = (G, g_scale, ids, ctx.to_work(rec.params), k, rec.clip_factor / len(ids) * g_scale, A, on_A, co.beta)
+                job = (prepare, g_scale, ids, ctx.to_work(rec.params), k, rec.clip_factor / len(ids) * g_scale, A, on_A, co.beta)
                 settle()
                 if pool is not None:
-                    pending = pool.submit(data_job, *job)
+                    pending, ready = pool.submit(data_job, *job), updated
                 else:
                     book(data_job(*job))
                 if "reg" in dphi:
@@ -230,13 +246,35 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
             # partial sums persist at checkpoint steps (and the window's start), not after every sub-segment
             if resume is not None and (done_before in ctx.checkpoints or done_before == a):
                 settle()
-                A_layout = blocks.unsort(A_bufs[cur]).to(torch.float64).cpu()
+                A_layout = a_scale * blocks.unsort(A_bufs[cur]).to(torch.float64).cpu()
                 resume.save({"done_before": done_before, "acc": acc, "A": A_layout, **cert.snapshot()})
         settle()
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+
+
+def _wait(event: threading.Event, job: Future | None) -> None:
+    """Wait for ``event``, or for ``job`` to fail before it sets it (its error is raised)."""
+    while not event.wait(0.05):
+        if job is not None and job.done():
+            job.result()  # raises the job's error
+            return
+
+
+def update_adjoint(out: Float[Tensor, "row param"], prev: Float[Tensor, "row param"], phi: Float[Tensor, "row param"],
+                   Pw: Float[Tensor, " param"], coef: float) -> None:
+    """``out = coef · prev + Pw ⊙ phi``, one pass when ``coef`` is 0 or 1 (the adjoint's buffer
+    update, see :func:`run_seen`); ``out`` may be ``prev`` or ``phi`` itself."""
+    if coef == 0.0:
+        torch.mul(phi, Pw, out=out)
+    elif coef == 1.0:
+        torch.addcmul(prev, phi, Pw, out=out)
+    elif out.data_ptr() == phi.data_ptr():
+        out.mul_(Pw).add_(prev, alpha=coef)
+    else:
+        (out.mul_(coef) if out.data_ptr() == prev.data_ptr() else torch.mul(prev, coef, out=out)).addcmul_(phi, Pw)
 
 
 def _contract(blocks, M: Tensor, vectors: dict[str, Tensor]) -> dict[str, Tensor]:

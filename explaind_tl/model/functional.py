@@ -448,9 +448,11 @@ class QueryFunction:
         batch: dict[str, Tensor],
         resolve_outputs: bool,
         out: dict[str, Tensor] | None = None,
+        index: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """``Σ_k Σ_j weights[i, k, j] ∇q_ik(params + t_j delta)`` per query, ``[Q, R, *shape]``
-        (written into ``out``, views of a caller's buffer with those shapes, when given).
+        (written into ``out``, views of a caller's buffer with those shapes, when given; with
+        ``index`` (``[Q]``), into entries ``index`` of ``out``'s first axis, which may be longer).
 
         A query's *pieces* ``k`` are evaluations of it with their own batch entries (the forced
         ReLU states of a kinked query's smooth pieces, :func:`~explaind_tl.quadrature.kink_pieces`)
@@ -470,8 +472,10 @@ class QueryFunction:
         """
         if weights.dim() == 2:  # one piece per query
             weights, batch = weights[:, None], {k: v[:, None] for k, v in batch.items()}
+        if index is not None and (out is None or index.shape != weights.shape[:1]):
+            raise ValueError(f"per_query_quadrature: index needs out and one entry per query ({len(weights)})")
         if self.readout is not None:
-            return self._taped_quadrature(params, delta, t_nodes, weights, batch, resolve_outputs, out)
+            return self._taped_quadrature(params, delta, t_nodes, weights, batch, resolve_outputs, out, index)
 
         def f(p: Params, example: dict[str, Tensor], w: Tensor) -> Tensor:
             total = None
@@ -484,11 +488,15 @@ class QueryFunction:
         if out is None:
             return g
         for name, v in g.items():
-            out[name].copy_(v)
+            if index is None:
+                out[name].copy_(v)
+            else:
+                out[name].index_copy_(0, index, v)
         return out
 
     def _taped_quadrature(self, params: Params, delta: Params, t_nodes: list[float], weights: Float[Tensor, "query piece node"],
-                          batch: dict[str, Tensor], resolve_outputs: bool, out: dict[str, Tensor] | None) -> dict[str, Tensor]:
+                          batch: dict[str, Tensor], resolve_outputs: bool, out: dict[str, Tensor] | None,
+                          index: Tensor | None) -> dict[str, Tensor]:
         """:meth:`per_query_quadrature` through the read-out forward's tape.
 
         Rows are node-major, then query, then piece (the grouped path form: each weight matrix
@@ -509,7 +517,7 @@ class QueryFunction:
             cot = torch.autograd.grad(total, [u.y for u in tape], grad_outputs=eye, is_grads_batched=True,
                                       allow_unused=True, materialize_grads=True)
         shapes = {name: v.shape for name, v in params.items()}
-        return tape_jacobians(tape, [c.detach() for c in cot], n_q, shapes, outer=n, out=out)
+        return tape_jacobians(tape, [c.detach() for c in cot], n_q, shapes, outer=n, out=out, index=index)
 
 
 def _rows_grad(f: Callable[[Params], Tensor], params: Params, resolve_outputs: bool) -> dict[str, Tensor]:

@@ -52,6 +52,7 @@ def tape_jacobians(
     shapes: dict[str, torch.Size],
     outer: int = 1,
     out: Params | None = None,
+    index: Tensor | None = None,
 ) -> Params:
     """Per-group parameter gradients of ``F`` from a taped forward and its outputs' cotangents.
 
@@ -73,12 +74,18 @@ def tape_jacobians(
         outer: see ``groups`` (the quadrature nodes, stacked node-major).
         out: where to write the result (``{name: [groups, outputs, *shape]}``, any strides,
             every name of ``shapes``; overwritten): a caller's buffer, written once.
+        index: with ``out``, the groups' places along ``out``'s first axis (``[groups]``
+            distinct ids; ``out`` then has any length there): each result is written to those
+            entries as it is formed (``index_copy_``), with no block of the groups' own, and the
+            other entries are left as they are.
 
     Returns:
         ``{name: [groups, outputs, *shape]}`` (``out`` when given).
     """
     if not tape:
         raise ValueError("tape_jacobians: the tape holds no parameter use")
+    if index is not None and (out is None or index.shape != (groups,)):
+        raise ValueError(f"tape_jacobians: index needs out and one entry per group ({groups}), got {tuple(index.shape)}")
     dest: Params = {} if out is None else out
     written: set[str] = set()
     n_out, like = cotangents[0].shape[0], cotangents[0]
@@ -103,17 +110,24 @@ def tape_jacobians(
             g = acc.view(n_out, groups, shape[0], shape[-1]).transpose(0, 1)
         else:
             raise ValueError(f"unknown parameter use {use.kind!r}")
-        if use.name in written:
-            dest[use.name] = dest[use.name].add_(g) if out is not None else dest[use.name] + g
-        elif out is not None:
-            dest[use.name].copy_(g)
+        if out is None:
+            dest[use.name] = dest[use.name] + g if use.name in written else g
+        elif index is not None:
+            if use.name in written:
+                dest[use.name].index_add_(0, index, g)
+            else:
+                dest[use.name].index_copy_(0, index, g)
+        elif use.name in written:
+            dest[use.name].add_(g)
         else:
-            dest[use.name] = g
+            dest[use.name].copy_(g)
         written.add(use.name)
     for name, shape in shapes.items():
         if name in written:
             continue
-        if out is not None:
+        if index is not None:
+            dest[name].index_fill_(0, index, 0)
+        elif out is not None:
             dest[name].zero_()
         else:
             dest[name] = torch.zeros(groups, n_out, *shape, dtype=like.dtype, device=like.device)

@@ -289,6 +289,25 @@ def test_relu_kink_aware_meets_tolerance(tmp_path):
     assert err_kink < err_plain
 
 
+def test_kinks_are_counted_over_every_query_chunk(tmp_path):
+    """``meta["kinks"]`` counts the kinks of every query chunk: split into chunks of two
+    queries (fixed nodes, so every chunk scans the same points), the count is the one of a
+    single chunk, and the values agree to the certificate's tolerance (a chunk refines its own
+    rows). Counter-example: a count kept per step and reset by each chunk reported only the
+    last chunk's kinks (23 of 105 here)."""
+    from explaind_tl import ExplainOptions
+
+    train, test = modular_data()
+    traj, _, _ = record(tmp_path, tiny_transformer("relu", seed=2), "adamw", train, steps=8)
+    kw = dict(by=("query", "step"), dtype=torch.float64, tol=1e-6, progress=False)
+    whole = explain(traj, test, options=ExplainOptions(adaptive_nodes=False), **kw)
+    split = explain(traj, test, options=ExplainOptions(adaptive_nodes=False, query_chunk=2), **kw)
+    assert whole.meta["kinks"] > 0 and len(test["label"]) > 4
+    assert split.meta["kinks"] == whole.meta["kinks"]
+    assert split.completeness.ok and whole.completeness.ok
+    assert_close_scaled(split.values, whole.values, 2e-6)
+
+
 class TinyMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -454,6 +473,39 @@ def test_streamed_phi_is_the_double_buffered_computation(gelu_run, monkeypatch):
                         scale=float(streamed.completeness.measured.abs().max()))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_adjoint_held_with_a_scale_is_the_plain_recursion(gelu_run, monkeypatch, threads):
+    """``Ã_s`` held as a scale times its buffer (one pass per step while the scale, the product
+    of the β's, stays above ``RESCALE_BELOW``; restarted at 1 below it) gives what the plain
+    recursion ``Ã_s = P_s φ_s + β_{s+1} Ã_{s+1}`` gives (a threshold above every β: the scale is
+    always 1), streamed (1 thread) and double-buffered (2): with a threshold of 0.5 and β = 0.9
+    all three updates happen (the first step, one-pass steps, and a restart after 0.9^7 < 0.5)."""
+    import explaind_tl.engine.seen as seen
+
+    traj, test = gelu_run
+    kw = dict(metric="logits", by=("query", "output", "train"), dtype=torch.float64, progress=False)
+    coefs = []
+    real = seen.update_adjoint
+
+    def spy(out, prev, phi, Pw, coef):
+        coefs.append(coef)
+        return real(out, prev, phi, Pw, coef)
+
+    monkeypatch.setattr(seen, "update_adjoint", spy)
+    with looks_like_threads(threads):
+        monkeypatch.setattr(seen, "RESCALE_BELOW", 2.0)
+        plain = explain(traj, test, **kw)
+        assert {c == 0.0 or 0.0 < c < 1.0 for c in coefs} == {True}  # the first step, then always two passes
+        coefs.clear()
+        monkeypatch.setattr(seen, "RESCALE_BELOW", 0.5)
+        scaled = explain(traj, test, **kw)
+    assert 0.0 in coefs and 1.0 in coefs and any(0.0 < c < 1.0 for c in coefs)  # all three updates
+    assert plain.completeness.ok and scaled.completeness.ok
+    assert_close_scaled(scaled.values, plain.values, 1e-12)
+    assert_close_scaled(scaled.completeness.residual, plain.completeness.residual, 1e-9,
+                        scale=float(plain.completeness.measured.abs().max()))
+
+
 def test_train_axis_by_component_matches_realized(gelu_run):
     traj, test = gelu_run
     kw = dict(dtype=torch.float64, tol=1e-12, progress=False)
@@ -519,8 +571,8 @@ def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch, fast_forward)
     largest piece count) give the entries of one call per chunk (with a spare core: with one
     thread a chunk is one call, see test_streamed_phi_is_the_double_buffered_computation).
     Through the model's own forward (``vmap(jacrev)``) and through the read-out forward's tape;
-    a call of consecutive queries is written into the feature rows in place, the others through
-    a scratch block (both happen here)."""
+    a call of consecutive queries is written into the feature rows in place, the others by
+    index (both happen here)."""
     import explaind_tl.engine.certify as certify
     from explaind_tl import ExplainOptions
     from explaind_tl.model.functional import QueryFunction
@@ -534,9 +586,9 @@ def test_per_query_jacobians_in_row_batches(tmp_path, monkeypatch, fast_forward)
     calls, consecutive = [], []
     real = QueryFunction.per_query_quadrature
 
-    def spy(self, params, delta, t_nodes, weights, batch, resolve_outputs, out=None):
+    def spy(self, params, delta, t_nodes, weights, batch, resolve_outputs, out=None, index=None):
         calls.append(len(weights))
-        return real(self, params, delta, t_nodes, weights, batch, resolve_outputs, out)
+        return real(self, params, delta, t_nodes, weights, batch, resolve_outputs, out, index)
 
     real_calls = certify.jacobian_calls
 
@@ -799,8 +851,8 @@ def test_float32_gradient_rounding_is_recomputed_in_float64(tmp_path, monkeypatc
     assert_close_scaled(attr.values, ref.values, 1e-5)
 
     def in_float32(self, s, w_s, delta64, idx, n, ends, vectors, out, dflat, fused=()):
-        part = self._phi_chunk(s, self.ctx.to_work(w_s), {k: v.to(self.ctx.dtype) for k, v in delta64.items()}, idx, n,
-                               ends, None, out=out)
+        part, _ = self._phi_chunk(s, self.ctx.to_work(w_s), {k: v.to(self.ctx.dtype) for k, v in delta64.items()}, idx, n,
+                                  ends, None, out=out)
         return (part, *dot_and_magnitude(part, dflat, *fused))
 
     monkeypatch.setattr(certify.Certifier, "_phi_float64", in_float32)

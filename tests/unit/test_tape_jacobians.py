@@ -94,6 +94,31 @@ def test_uses_add_up_unused_are_zero_and_out_is_written_in_place():
     assert bool((buf[:, :, 21:] == 0).all())
 
 
+def test_index_writes_the_groups_entries_of_a_longer_out_and_leaves_the_rest():
+    """With ``index``, group ``g``'s results land at entry ``index[g]`` of ``out``'s first axis
+    (longer than the groups), a parameter used twice is summed there, an unused one is zeroed
+    there, and every other entry keeps what it held."""
+    (use, shape) = uses()["W"]
+    twice = ParamUse("mm", "W", random(*use.x.shape, seed=10), use.y)
+    d1, d2 = random(N_OUT, *use.y.shape, seed=11), random(N_OUT, *use.y.shape, seed=12)
+    shapes = {"W": torch.Size(shape), "unused": torch.Size((2, 3))}
+    want = tape_jacobians([use, twice], [d1, d2], G, shapes, outer=OUTER)
+    index = torch.tensor([5, 0, 3])  # not consecutive, not sorted
+    buf = random(7, N_OUT, 21 + 6, seed=13)
+    before = buf.clone()
+    out = {"W": buf[:, :, :21].unflatten(2, shape), "unused": buf[:, :, 21:].unflatten(2, (2, 3))}
+    ret = tape_jacobians([use, twice], [d1, d2], G, shapes, outer=OUTER, out=out, index=index)
+    assert ret is out
+    assert_close_scaled(buf[index, :, :21].unflatten(2, shape), want["W"], 1e-13)
+    assert bool((buf[index, :, 21:] == 0).all())
+    others = torch.tensor([1, 2, 4, 6])
+    assert torch.equal(buf[others], before[others])
+    with pytest.raises(ValueError, match="one entry per group"):
+        tape_jacobians([use], [d1], G, shapes, outer=OUTER, out=out, index=index[:2])
+    with pytest.raises(ValueError, match="index needs out"):
+        tape_jacobians([use], [d1], G, shapes, outer=OUTER, index=index)
+
+
 def test_refusals():
     use, _ = uses()["W"]
     with pytest.raises(ValueError, match="no parameter use"):
