@@ -134,12 +134,17 @@ def run_seen(ctx: Setup, cert: Certifier, progress: bool, acc: Tensor, resume: R
     bar = prefetch.progress_bar(progress, total=b - a, initial=b - done_before, desc="explain (train, adjoint)")
     try:
         segs = ctx.traj.segments(a, done_before, reverse=True, grads=False, hold=ctx.replay_hold())
-        for seg in prefetch.prefetched(segs, ctx.prefetch):
-            for rec in reversed(seg):
+        # with a spare core the certificate's float64 forwards at each w_s run on the replay
+        # thread, beside the main thread's Jacobians (they only need the replayed parameters)
+        measure = (lambda seg: [cert.measure(r.params) for r in seg]) if ctx.prefetch and cert.measures_in_background() else None
+        for item in prefetch.prefetched(segs, ctx.prefetch, measure):
+            seg, measured = item if measure is not None else (item, None)
+            for i in reversed(range(len(seg))):
+                rec = seg[i]
                 s = rec.step
                 if q1 is None:
                     q1 = cert.endpoint(rec.next_params, s + 1)
-                q0 = cert.endpoint(rec.params, s)
+                q0 = cert.endpoint(rec.params, s, measured=None if measured is None else measured[i])
                 spec = ctx.step_spec(rec)
                 co = ctx.coefficients(rec)
                 Pv = ctx.sorted64(co.P)

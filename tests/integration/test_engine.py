@@ -783,6 +783,36 @@ def test_prefetched_measures_each_segment_on_the_thread():
     assert list(prefetched(iter(segs), False, measure)) == [([1, 2], [2, 4]), ([3], [6])]
 
 
+def test_seen_sweep_measures_its_ends_on_the_replay_thread(tmp_path, monkeypatch):
+    """With a spare core the seen sweep's certificate forwards at each ``w_s`` run on the replay
+    thread (float32 working dtype: the certificate's float64 model is a copy of its own), and
+    the result is what measuring them on the main thread gives."""
+    import threading
+
+    from explaind_tl.engine.certify import Certifier
+
+    train, test = modular_data()
+    traj, _, _ = record(tmp_path, tiny_transformer("relu", seed=3), "adamw", train, steps=6)
+    kw = dict(by=("query", "output", "train"), metric="logits", dtype=torch.float32, progress=False)
+    where = []
+    real = Certifier.measure
+
+    def spy(self, params):
+        where.append(threading.current_thread().name)
+        return real(self, params)
+
+    monkeypatch.setattr(Certifier, "measure", spy)
+    with looks_like_threads(2):
+        background = explain(traj, test, **kw)
+        assert len(where) == 6 and set(where) == {"explaind-replay"}
+        monkeypatch.setattr(Certifier, "measures_in_background", lambda self: False)
+        foreground = explain(traj, test, **kw)
+    assert len(where) == 6  # measured on the main thread through endpoint() instead
+    assert background.completeness.ok and foreground.completeness.ok
+    assert_close_scaled(background.completeness.measured, foreground.completeness.measured, 1e-12)
+    assert_close_scaled(background.values, foreground.values, 1e-6)
+
+
 def test_two_relu_layers_meet_the_certificate(tmp_path, monkeypatch):
     """ReLU MLPs in two layers: kinks of second-layer units located on their true pre-activation,
     and every later unit forced along the pieces. The counter-examples: without either rule the
