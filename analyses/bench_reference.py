@@ -22,10 +22,12 @@ decoder has p+2 = 25 outputs; ``N_OUT=23`` swaps in a 23-logit decoder (the work
 error of the predicted output change (mean over queries of ``‖pred Δ - actual Δ‖ / ‖actual Δ‖``)
 and the process's peak RSS.
 """
+import atexit
 import contextlib
 import io
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -54,6 +56,7 @@ N_TOKEN = P + 2                      # vocab: 0..22, '+'=23, '='=24 (authors: n_
 N_OUT = int(sys.argv[1]) if len(sys.argv) > 1 else N_TOKEN   # authors' decoder has n_token outputs
 SEED = 43
 ckdir = tempfile.mkdtemp(prefix="explaind_ref_") + "/"
+atexit.register(shutil.rmtree, ckdir, True)  # the folder this script made, and only it
 
 torch.manual_seed(SEED)
 np.random.seed(SEED)
