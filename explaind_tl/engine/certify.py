@@ -281,7 +281,6 @@ class Certifier:
 
     def _phi_chunk(
         self,
-        s: int,
         w: Params,
         delta: Params,
         idx: Tensor,
@@ -456,7 +455,7 @@ class Certifier:
             rs = self.ctx.row_slice(idx)
             # per-query rows are written in place: into φ̂'s own rows, or with a sink into the scratch
             target = (phi[: rs.stop - rs.start] if sink is not None else phi[rs]) if in_place else None
-            c = self._certified_chunk(s, idx, w, w_s, delta, delta64, dflat, ends, tangents, vectors, target, fused, q0, q1)
+            c = self._certified_chunk(idx, w, w_s, delta, delta64, dflat, ends, tangents, vectors, target, fused, q0, q1)
             n_max, kinks = max(n_max, c.nodes), kinks + c.kinks
             if c.float64:
                 self.float64_steps[s] = True
@@ -478,13 +477,12 @@ class Certifier:
             phi = None
         return phi if dots is None else (phi, dots)
 
-    def _certified_chunk(self, s: int, idx: Tensor, w: Params, w_s: Params, delta: Params, delta64: Params, dflat: Tensor,
+    def _certified_chunk(self, idx: Tensor, w: Params, w_s: Params, delta: Params, delta64: Params, dflat: Tensor,
                          ends, tangents: Params | None, vectors: Tensor | None, target: Tensor | None, fused: tuple,
                          q0: tuple, q1: tuple) -> _Chunk:
         """One query chunk of :meth:`phi`: its ``φ̂`` rows (into ``target`` when given), refined
-        until they meet the certificate or refinement stops, and the chunk's certificate records.
-        Of the certifier's state it touches only the chunk's own node controller
-        (``start_nodes``/``cooldown`` under the chunk's first query).
+        until they meet the certificate or refinement stops, and the chunk's certificate records
+        (the chunk's node controller is ``start_nodes``/``cooldown`` under its first query).
         """
         plan = self.ctx.plan
         meas = plan.rows(q1[0][idx], idx) - plan.rows(q0[0][idx], idx)
@@ -495,7 +493,7 @@ class Certifier:
         att_prev, worst_prev, stalls = None, math.inf, 0
         float64 = False
         while True:
-            part, kinks = self._phi_chunk(s, w, delta, idx, n, ends, tangents, out=target)
+            part, kinks = self._phi_chunk(w, delta, idx, n, ends, tangents, out=target)
             if tangents is None:
                 att, mag, *part_dots = dot_and_magnitude(part, dflat, *fused)
             else:
@@ -522,7 +520,7 @@ class Certifier:
             # gradients of saturated log-probs cancel), which the rounding allowance, made for
             # rounding of φ̂'s entries, does not cover: the chunk once more in float64, with
             # the same nodes and pieces (the same kinks, found again), stored where the float32 one was.
-            part, att, mag, *part_dots = self._phi_float64(s, w_s, delta64, idx, n, ends, vectors, target, dflat, fused)
+            part, att, mag, *part_dots = self._phi_float64(w_s, delta64, idx, n, ends, vectors, target, dflat, fused)
             res = (meas - att).abs()
             bound = residual_tolerance(meas, mag, self.tol, self.ctx.eps, floor)
             float64 = True
@@ -531,7 +529,7 @@ class Certifier:
             self._adapt_start(int(idx[0]), n0, n, margin)
         return _Chunk(part, meas, att, bound, n, kinks, float64, part_dots[0] if part_dots else None)
 
-    def _phi_float64(self, s: int, w_s: Params, delta64: Params, idx: Tensor, n: int, ends, vectors: Tensor | None,
+    def _phi_float64(self, w_s: Params, delta64: Params, idx: Tensor, n: int, ends, vectors: Tensor | None,
                      out: Tensor | None, dflat: Tensor, fused: tuple = ()) -> tuple[Tensor, ...]:
         """One chunk's ``φ̂`` (or ``<φ̂, v>``) recomputed with the float64 query function, and its
         attributed change and rounding scale (with ``fused = (blocks, on_phi)``, also its
@@ -539,7 +537,7 @@ class Certifier:
         qf64 = self.ctx.float64_query_function()
         w64 = {k: w_s[k].to(self.ctx.device, torch.float64) for k in self.ctx.names}
         tan64 = None if vectors is None else self.ctx.layout.unflatten(vectors.to(self.ctx.device, torch.float64))
-        part, _ = self._phi_chunk(s, w64, delta64, idx, n, ends, tan64, out=out, qf=qf64)  # the same kinks, found again
+        part, _ = self._phi_chunk(w64, delta64, idx, n, ends, tan64, out=out, qf=qf64)  # the same kinks, found again
         if tan64 is None:
             return (part, *dot_and_magnitude(part, dflat, *fused))
         return part, part.sum(1), part.abs().sum(1)

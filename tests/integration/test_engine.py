@@ -880,8 +880,8 @@ def test_float32_gradient_rounding_is_recomputed_in_float64(tmp_path, monkeypatc
     assert ref.meta["float64_steps"] == []
     assert_close_scaled(attr.values, ref.values, 1e-5)
 
-    def in_float32(self, s, w_s, delta64, idx, n, ends, vectors, out, dflat, fused=()):
-        part, _ = self._phi_chunk(s, self.ctx.to_work(w_s), {k: v.to(self.ctx.dtype) for k, v in delta64.items()}, idx, n,
+    def in_float32(self, w_s, delta64, idx, n, ends, vectors, out, dflat, fused=()):
+        part, _ = self._phi_chunk(self.ctx.to_work(w_s), {k: v.to(self.ctx.dtype) for k, v in delta64.items()}, idx, n,
                                   ends, None, out=out)
         return (part, *dot_and_magnitude(part, dflat, *fused))
 
