@@ -91,15 +91,8 @@ def tape_jacobians(
     n_out, like = cotangents[0].shape[0], cotangents[0]
     for use, d in zip(tape, cotangents, strict=True):
         shape = shapes[use.name]
-        if use.kind == "mm":  # one product per group: [d_in, rows] @ [rows, outputs * d_out]
-            d_in, d_out = use.x.shape[-1], d.shape[-1]
-            x = einops.rearrange(use.x.reshape(outer, groups, -1, d_in), "outer group row d_in -> group d_in (outer row)")
-            dg = einops.rearrange(d.reshape(n_out, outer, groups, -1, d_out),
-                                  "output outer group row d_out -> group (outer row) (output d_out)")
-            g = einops.rearrange(torch.bmm(x, dg), "group d_in (output d_out) -> group output d_in d_out", output=n_out)
-            if use.extra is not None:  # back from the rearranged layout the product used
-                left, right = use.extra.split("->")
-                g = einops.rearrange(g, f"group output {right} -> group output {left}", **dict(zip(left.split(), shape)))
+        if use.kind == "mm":
+            g = _product(use, d, groups, outer, shape)
         elif use.kind in ("add", "mul"):  # summed over rows, then nodes (one axis at a time: faster)
             local = d if use.kind == "add" else d * use.x
             g = local.reshape(n_out, outer, groups, -1, *shape).sum(3).sum(1).transpose(0, 1)
@@ -132,3 +125,48 @@ def tape_jacobians(
         else:
             dest[name] = torch.zeros(groups, n_out, *shape, dtype=like.dtype, device=like.device)
     return dest
+
+
+def _product(use: ParamUse, d: Tensor, groups: int, outer: int, shape: torch.Size) -> Tensor:
+    """A product's per-group gradients ``[groups, outputs, *shape]`` (see :func:`tape_jacobians`):
+    one product per group, ``[d_in, rows] @ [rows, outputs * d_out]``, or with one row per group
+    the outer product in the parameter's own order (:func:`_rank_one`)."""
+    n_out, d_in, d_out = d.shape[0], use.x.shape[-1], d.shape[-1]
+    rows = use.x.numel() // (d_in * groups)  # per group, over the outer blocks
+    if rows == 1:
+        g = _rank_one(use.x.reshape(groups, d_in), d.reshape(n_out, groups, d_out), use.extra, shape)
+        if g is not None:
+            return g
+    x = einops.rearrange(use.x.reshape(outer, groups, -1, d_in), "outer group row d_in -> group d_in (outer row)")
+    dg = einops.rearrange(d.reshape(n_out, outer, groups, -1, d_out), "output outer group row d_out -> group (outer row) (output d_out)")
+    g = einops.rearrange(torch.bmm(x, dg), "group d_in (output d_out) -> group output d_in d_out", output=n_out)
+    if use.extra is not None:  # back from the rearranged layout the product used
+        left, right = use.extra.split("->")
+        g = einops.rearrange(g, f"group output {right} -> group output {left}", **dict(zip(left.split(), shape)))
+    return g
+
+
+def _rank_one(x: Tensor, d: Tensor, pattern: str | None, shape: torch.Size) -> Tensor | None:
+    """Each group's gradient of a product read at one row, ``x_gᵀ δ_g`` (``x`` ``[groups, d_in]``,
+    ``d`` ``[outputs, groups, d_out]``), formed as ``[groups, outputs, *shape]`` in the
+    parameter's own order (contiguous), so that writing it into a caller's buffer copies runs of
+    whole parameters. ``None`` for a ``pattern`` other than the parameter itself, a reshaping of
+    it (``"head d_head d_model -> (head d_head) d_model"``) or ``"a i b -> i (a b)"`` (a head
+    axis in front of the input axis, ``W_Q``): the caller then takes the batched product.
+
+    A ``bmm`` over groups lays its result out as ``[groups, d_in, outputs, d_out]``, and the
+    rearrangement into the parameter's order is a strided copy of runs of ``d_out`` (8 floats
+    for a head's ``W_Q``): measured 1.3-2x slower per parameter than this broadcast product.
+    """
+    n_g, n_out = x.shape[0], d.shape[0]
+    dt = d.transpose(0, 1)  # [groups, outputs, d_out]
+    tokens = None if pattern is None else [side.replace("(", " ").replace(")", " ").split() for side in pattern.split("->")]
+    if tokens is None or tokens[0] == tokens[1]:  # the parameter itself, or a reshaping of it
+        out = torch.empty(n_g, n_out, x.shape[1], d.shape[2], dtype=d.dtype, device=d.device)
+        return torch.mul(x[:, None, :, None], dt[:, :, None, :], out=out).view(n_g, n_out, *shape)
+    left, right = tokens
+    if len(left) == 3 and pattern.split("->")[1].split() == [left[1], f"({left[0]}", f"{left[2]})"]:  # a i b -> i (a b)
+        heads = shape[0]
+        out = torch.empty(n_g, n_out, heads, x.shape[1], d.shape[2] // heads, dtype=d.dtype, device=d.device)
+        return torch.mul(x[:, None, None, :, None], dt.reshape(n_g, n_out, heads, 1, -1), out=out)
+    return None

@@ -75,6 +75,40 @@ def test_each_use_against_loops(name):
     assert float((other - want).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("pattern", [None, "head d_head d_model -> (head d_head) d_model",
+                                     "head d_model d_head -> d_model (head d_head)", "d_head head d_model -> d_model (head d_head)"])
+def test_products_of_one_row_per_group(pattern):
+    """A product read at one row per group (one position, one node: the read-out's ``W_Q``, MLP
+    and unembedding on a one-layer model) is each group's outer product ``x_gᵀ δ_g``, formed in
+    the parameter's own order; against the definition written out per group and output, for the
+    parameter itself, a reshaping of it, a head axis moved in front (``W_Q``) and a pattern that
+    takes the batched product instead; written by index into a longer buffer too."""
+    heads, d_a, d_b, groups = 2, 3, 4, 5
+    if pattern is None:
+        shape, d_in, d_out = (d_a, d_b), d_a, d_b
+    elif pattern.startswith("head d_head"):
+        shape, d_in, d_out = (heads, d_b, d_a), heads * d_b, d_a
+    else:
+        shape, d_in, d_out = ((heads, d_a, d_b) if pattern.startswith("head") else (d_b, heads, d_a)), d_a, heads * d_b
+    use = ParamUse("mm", "W", random(groups, 1, d_in, seed=11), random(groups, 1, d_out, seed=12), pattern)
+    d = random(N_OUT, groups, 1, d_out, seed=13)
+    want = torch.zeros(groups, N_OUT, *shape, dtype=torch.float64)
+    for g in range(groups):
+        for o in range(N_OUT):
+            w = torch.outer(use.x[g, 0], d[o, g, 0])
+            if pattern is not None:
+                left, right = pattern.split("->")
+                w = einops.rearrange(w, f"{right} -> {left}", **dict(zip(left.split(), shape)))
+            want[g, o] = w
+    got = tape_jacobians([use], [d], groups, {"W": torch.Size(shape)})["W"]
+    assert_close_scaled(got, want, 1e-14)
+    index = torch.tensor([6, 1, 4, 0, 3])
+    out = {"W": torch.full((8, N_OUT, *shape), 7.0, dtype=torch.float64)}
+    tape_jacobians([use], [d], groups, {"W": torch.Size(shape)}, out=out, index=index)
+    assert_close_scaled(out["W"][index], want, 1e-14)
+    assert bool((out["W"][[2, 5, 7]] == 7.0).all())
+
+
 def test_uses_add_up_unused_are_zero_and_out_is_written_in_place():
     """A parameter used twice gets the sum; one never used gets zeros; ``out`` (strided views of
     one buffer, filled with garbage first) receives exactly the returned values."""
