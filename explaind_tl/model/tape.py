@@ -156,7 +156,8 @@ def _rank_one(x: Tensor, d: Tensor, pattern: str | None, shape: torch.Size) -> T
 
     A ``bmm`` over groups lays its result out as ``[groups, d_in, outputs, d_out]``, and the
     rearrangement into the parameter's order is a strided copy of runs of ``d_out`` (8 floats
-    for a head's ``W_Q``): measured 1.3-2x slower per parameter than this broadcast product.
+    for a head's ``W_Q``): with the write into ``φ̂`` included, 1.35-1.9x slower per parameter
+    than this broadcast product on the kernel benchmark's calls (docs/design.md §4).
     """
     n_g, n_out = x.shape[0], d.shape[0]
     dt = d.transpose(0, 1)  # [groups, outputs, d_out]
@@ -164,7 +165,7 @@ def _rank_one(x: Tensor, d: Tensor, pattern: str | None, shape: torch.Size) -> T
     if tokens is None or tokens[0] == tokens[1]:  # the parameter itself, or a reshaping of it
         out = torch.empty(n_g, n_out, x.shape[1], d.shape[2], dtype=d.dtype, device=d.device)
         return torch.mul(x[:, None, :, None], dt[:, :, None, :], out=out).view(n_g, n_out, *shape)
-    left, right = tokens
+    left = tokens[0]
     if len(left) == 3 and pattern.split("->")[1].split() == [left[1], f"({left[0]}", f"{left[2]})"]:  # a i b -> i (a b)
         heads = shape[0]
         out = torch.empty(n_g, n_out, heads, x.shape[1], d.shape[2] // heads, dtype=d.dtype, device=d.device)
