@@ -77,7 +77,9 @@ def tape_jacobians(
         index: with ``out``, the groups' places along ``out``'s first axis (``[groups]``
             distinct ids; ``out`` then has any length there): each result is written to those
             entries as it is formed (``index_copy_``), with no block of the groups' own, and the
-            other entries are left as they are.
+            other entries are left as they are. Runs of consecutive ids are written as slices
+            (a copy of each run, or each one-row product formed in it) where a run holds enough
+            numbers to pay for a call (:data:`RUN_COPY_MIN`), else by ``index_copy_``.
 
     Returns:
         ``{name: [groups, outputs, *shape]}`` (``out`` when given).
@@ -87,10 +89,14 @@ def tape_jacobians(
     if index is not None and (out is None or index.shape != (groups,)):
         raise ValueError(f"tape_jacobians: index needs out and one entry per group ({groups}), got {tuple(index.shape)}")
     dest: Params = {} if out is None else out
+    runs = None if index is None else _Runs(index)
     written: set[str] = set()
     n_out, like = cotangents[0].shape[0], cotangents[0]
     for use, d in zip(tape, cotangents, strict=True):
         shape = shapes[use.name]
+        if use.kind == "mm" and out is not None and use.name not in written and _product_into(use, d, groups, shape, dest[use.name], runs):
+            written.add(use.name)  # formed in place, straight into its rows of out
+            continue
         if use.kind == "mm":
             g = _product(use, d, groups, outer, shape)
         elif use.kind in ("add", "mul"):  # summed over rows, then nodes (one axis at a time: faster)
@@ -105,11 +111,8 @@ def tape_jacobians(
             raise ValueError(f"unknown parameter use {use.kind!r}")
         if out is None:
             dest[use.name] = dest[use.name] + g if use.name in written else g
-        elif index is not None:
-            if use.name in written:
-                dest[use.name].index_add_(0, index, g)
-            else:
-                dest[use.name].index_copy_(0, index, g)
+        elif runs is not None:
+            runs.write(dest[use.name], g, add=use.name in written)
         elif use.name in written:
             dest[use.name].add_(g)
         else:
@@ -118,8 +121,8 @@ def tape_jacobians(
     for name, shape in shapes.items():
         if name in written:
             continue
-        if index is not None:
-            dest[name].index_fill_(0, index, 0)
+        if runs is not None:
+            runs.write(dest[name], None)
         elif out is not None:
             dest[name].zero_()
         else:
@@ -146,28 +149,111 @@ def _product(use: ParamUse, d: Tensor, groups: int, outer: int, shape: torch.Siz
     return g
 
 
-def _rank_one(x: Tensor, d: Tensor, pattern: str | None, shape: torch.Size) -> Tensor | None:
+def _product_into(use: ParamUse, d: Tensor, groups: int, shape: torch.Size, dest: Tensor, runs: _Runs | None) -> bool:
+    """A product read at one row per group formed straight into its rows of ``dest`` (``[groups,
+    outputs, *shape]``, or with ``runs`` the rows they name), run by run (:func:`_rank_one`).
+    ``False``, with nothing written, where that does not apply: several rows per group, a
+    pattern :func:`_rank_one` does not take, or runs too short to pay for a call each."""
+    n_out, d_in, d_out = d.shape[0], use.x.shape[-1], d.shape[-1]
+    if use.x.numel() != d_in * groups or _rank_one_kind(use.extra) is None:
+        return False
+    if runs is not None and not runs.worth_slicing(dest):
+        return False
+    x, dg = use.x.reshape(groups, d_in), d.reshape(n_out, groups, d_out)
+    for src, dst, n in [(0, 0, groups)] if runs is None else runs.runs:
+        _rank_one(x[src : src + n], dg[:, src : src + n], use.extra, shape, out=dest[dst : dst + n])
+    return True
+
+
+def _rank_one_kind(pattern: str | None) -> str | None:
+    """``"plain"`` for the parameter itself or a reshaping of it, ``"heads"`` for
+    ``"a i b -> i (a b)"`` (a head axis in front of the input axis), else ``None``."""
+    if pattern is None:
+        return "plain"
+    left, right = [side.replace("(", " ").replace(")", " ").split() for side in pattern.split("->")]
+    if left == right:
+        return "plain"
+    if len(left) == 3 and pattern.split("->")[1].split() == [left[1], f"({left[0]}", f"{left[2]})"]:
+        return "heads"
+    return None
+
+
+def _rank_one(x: Tensor, d: Tensor, pattern: str | None, shape: torch.Size, out: Tensor | None = None) -> Tensor | None:
     """Each group's gradient of a product read at one row, ``x_gᵀ δ_g`` (``x`` ``[groups, d_in]``,
     ``d`` ``[outputs, groups, d_out]``), formed as ``[groups, outputs, *shape]`` in the
-    parameter's own order (contiguous), so that writing it into a caller's buffer copies runs of
-    whole parameters. ``None`` for a ``pattern`` other than the parameter itself, a reshaping of
-    it (``"head d_head d_model -> (head d_head) d_model"``) or ``"a i b -> i (a b)"`` (a head
-    axis in front of the input axis, ``W_Q``): the caller then takes the batched product.
+    parameter's own order (contiguous, or into ``out`` of that shape, any strides), so that
+    writing it into a caller's buffer copies runs of whole parameters, or nothing at all.
+    ``None`` for a ``pattern`` other than the parameter itself, a reshaping of it
+    (``"head d_head d_model -> (head d_head) d_model"``) or ``"a i b -> i (a b)"`` (a head axis
+    in front of the input axis, ``W_Q``): the caller then takes the batched product.
 
     A ``bmm`` over groups lays its result out as ``[groups, d_in, outputs, d_out]``, and the
     rearrangement into the parameter's order is a strided copy of runs of ``d_out`` (8 floats
     for a head's ``W_Q``): with the write into ``φ̂`` included, 1.35-1.9x slower per parameter
     than this broadcast product on the kernel benchmark's calls (docs/design.md §4).
     """
+    kind = _rank_one_kind(pattern)
+    if kind is None:
+        return None
     n_g, n_out = x.shape[0], d.shape[0]
     dt = d.transpose(0, 1)  # [groups, outputs, d_out]
-    tokens = None if pattern is None else [side.replace("(", " ").replace(")", " ").split() for side in pattern.split("->")]
-    if tokens is None or tokens[0] == tokens[1]:  # the parameter itself, or a reshaping of it
-        out = torch.empty(n_g, n_out, x.shape[1], d.shape[2], dtype=d.dtype, device=d.device)
-        return torch.mul(x[:, None, :, None], dt[:, :, None, :], out=out).view(n_g, n_out, *shape)
-    left = tokens[0]
-    if len(left) == 3 and pattern.split("->")[1].split() == [left[1], f"({left[0]}", f"{left[2]})"]:  # a i b -> i (a b)
+    if kind == "plain":
+        a, b, full = x[:, None, :, None], dt[:, :, None, :], (n_g, n_out, x.shape[1], d.shape[2])
+    else:
         heads = shape[0]
-        out = torch.empty(n_g, n_out, heads, x.shape[1], d.shape[2] // heads, dtype=d.dtype, device=d.device)
-        return torch.mul(x[:, None, None, :, None], dt.reshape(n_g, n_out, heads, 1, -1), out=out)
-    return None
+        a, b = x[:, None, None, :, None], dt.reshape(n_g, n_out, heads, 1, -1)
+        full = (n_g, n_out, heads, x.shape[1], d.shape[2] // heads)
+    if out is None:
+        return torch.mul(a, b, out=torch.empty(full, dtype=d.dtype, device=d.device)).view(n_g, n_out, *shape)
+    try:
+        target = out.view(full)
+    except RuntimeError:  # out's strides do not split that way: form it, then copy
+        return out.copy_(_rank_one(x, d, pattern, shape))
+    torch.mul(a, b, out=target)
+    return out
+
+
+# Runs of consecutive ids are written as slices (one call per run) when they hold at least this
+# many numbers on average; shorter runs go by one index_copy_ over all of them. index_copy_
+# moves ~11 GB/s on the kernel benchmark's calls (an indexed loop per element), a slice copy
+# ~37 GB/s (one thread, AMD EPYC), and a call costs a few microseconds.
+RUN_COPY_MIN = 16384
+
+
+class _Runs:
+    """Runs of consecutive entries in a ``[groups]`` index: ``(first group, first entry, length)``."""
+
+    def __init__(self, index: Tensor) -> None:
+        self.index = index
+        ids = index.tolist()
+        self.runs: list[tuple[int, int, int]] = []
+        for g, i in enumerate(ids):
+            if self.runs and self.runs[-1][1] + self.runs[-1][2] == i:
+                first, at, n = self.runs[-1]
+                self.runs[-1] = (first, at, n + 1)
+            else:
+                self.runs.append((g, i, 1))
+
+    def worth_slicing(self, dest: Tensor) -> bool:
+        """Whether the average run of ``dest``'s entries holds :data:`RUN_COPY_MIN` numbers."""
+        return dest[0].numel() * len(self.index) >= RUN_COPY_MIN * len(self.runs)
+
+    def write(self, dest: Tensor, g: Tensor | None, add: bool = False) -> None:
+        """``dest[index] = g`` (``+= g`` with ``add``; zeros where ``g`` is ``None``), run by run
+        where they are long enough, else by one indexed call."""
+        if not self.worth_slicing(dest):
+            if g is None:
+                dest.index_fill_(0, self.index, 0)
+            elif add:
+                dest.index_add_(0, self.index, g)
+            else:
+                dest.index_copy_(0, self.index, g)
+            return
+        for src, at, n in self.runs:
+            rows = dest[at : at + n]
+            if g is None:
+                rows.zero_()
+            elif add:
+                rows.add_(g[src : src + n])
+            else:
+                rows.copy_(g[src : src + n])

@@ -159,3 +159,51 @@ def test_refusals():
         tape_jacobians([], [], G, {"W": torch.Size((3, 7))})
     with pytest.raises(ValueError, match="unknown parameter use"):
         tape_jacobians([ParamUse("conv", "W", use.x, use.y)], [random(N_OUT, *use.y.shape, seed=0)], G, {"W": torch.Size((3, 7))})
+
+
+@pytest.mark.parametrize("run_min", [1, 10**9], ids=["slices", "indexed"])
+def test_index_with_runs_written_as_slices_or_by_index(monkeypatch, run_min):
+    """An index with runs of consecutive ids (``[0, 1, 2, 5, 6, 9]`` into 11 entries) gives the
+    same entries whether the runs are written as slices (a copy, a sum or zeros per run, or each
+    one-row product formed in it) or by one indexed call (:data:`RUN_COPY_MIN` decides); the
+    entries between runs keep what they held. Covers a product read at one row per group, its
+    head-split pattern, a product read at several rows, a parameter used twice and one unused,
+    and an ``out`` whose strides do not let the product be formed in place."""
+    from explaind_tl.model import tape
+
+    monkeypatch.setattr(tape, "RUN_COPY_MIN", run_min)
+    groups, heads, d_model, d_head = 6, 2, 3, 4
+    index = torch.tensor([0, 1, 2, 5, 6, 9])
+    x1 = random(groups, 1, d_model, seed=21)
+    one_row = ParamUse("mm", "W", x1, random(groups, 1, 5, seed=22))
+    again = ParamUse("mm", "W", random(groups, 3, d_model, seed=23), random(groups, 3, 5, seed=24))
+    w_q = ParamUse("mm", "W_Q", x1, random(groups, 1, heads * d_head, seed=25), "head d_model d_head -> d_model (head d_head)")
+    w_o = ParamUse("mm", "W_O", random(groups, 1, heads * d_head, seed=26), random(groups, 1, d_model, seed=27),
+                   "head d_head d_model -> (head d_head) d_model")
+    shapes = {"W": torch.Size((d_model, 5)), "W_Q": torch.Size((heads, d_model, d_head)),
+              "W_O": torch.Size((heads, d_head, d_model)), "unused": torch.Size((2, 2))}
+    tape_uses = [one_row, again, w_q, w_o]
+    ds = [random(N_OUT, *u.y.shape, seed=30 + i) for i, u in enumerate(tape_uses)]
+    want = tape_jacobians(tape_uses, ds, groups, shapes)
+    want_w = sum(oracle_rows(u, d, shapes["W"], groups) for u, d in zip(tape_uses[:2], ds[:2]))
+    assert_close_scaled(want["W"], want_w, 1e-13)  # the no-index result is itself right
+
+    out = {name: random(11, N_OUT, *shape, seed=40 + i) for i, (name, shape) in enumerate(shapes.items())}
+    # W_O's buffer laid out [entry, output, d_head, head, d_model]: its (head d_head) does not merge by view
+    out["W_O"] = random(11, N_OUT, d_head, heads, d_model, seed=45).transpose(2, 3)
+    before = {name: t.clone() for name, t in out.items()}
+    tape_jacobians(tape_uses, ds, groups, shapes, out=out, index=index)
+    others = torch.tensor([3, 4, 7, 8, 10])
+    for name in shapes:
+        want_name = want[name] if name != "unused" else torch.zeros(groups, N_OUT, 2, 2, dtype=torch.float64)
+        assert_close_scaled(out[name][index], want_name, 1e-13)
+        assert torch.equal(out[name][others], before[name][others])
+
+
+def oracle_rows(use: ParamUse, d: torch.Tensor, shape, groups: int) -> torch.Tensor:
+    """``Σ_{rows of g} xᵀ δ`` for a product with rows ``[groups, rows, ...]`` (no pattern)."""
+    out = torch.zeros(groups, N_OUT, *shape, dtype=torch.float64)
+    for g in range(groups):
+        for o in range(N_OUT):
+            out[g, o] = torch.einsum("pi,pj->ij", use.x[g], d[o, g])
+    return out
