@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from explaind_tl.losses import last_token_cross_entropy
 from explaind_tl.model.functional import Params, batch_of_one, compare_readout, frozen_copy
 from explaind_tl.model.readout import Readout, unsupported_reason
+from explaind_tl.model.tape import tape_jacobians
 
 
 class LossFunction:
@@ -61,8 +62,25 @@ class LossFunction:
         return functional_call(self.wrapper, {"model." + k: v for k, v in params.items()}, (batch,))
 
     def per_example_grad(self, params: Params, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``∇ℓ(x_i; w)`` for each row of ``batch``: dict of ``[B, *shape]``."""
-        return vmap(grad(lambda p, example: self.losses(p, batch_of_one(example))[0]), in_dims=(None, 0))(params, batch)
+        """``∇ℓ(x_i; w)`` for each row of ``batch``: dict of ``[B, *shape]``.
+
+        Through the read-out forward, one backward of the summed losses over the batch with a
+        tape of the parameters' uses, contracted per example (:func:`~explaind_tl.model.tape.tape_jacobians`:
+        ``Σ_rows xᵀ δ`` per weight matrix, the per-example-gradient trick; rows never interact,
+        so each example's cotangents are its own loss's); otherwise ``vmap(grad)`` through
+        TransformerLens's forward.
+        """
+        if self.readout is None:
+            return vmap(grad(lambda p, example: self.losses(p, batch_of_one(example))[0]), in_dims=(None, 0))(params, batch)
+        tokens, label = batch["tokens"], batch["label"]
+        tape: list = []
+        with torch.enable_grad():  # the graph starts at the tape's first uses, not at the parameters
+            logits, _ = self.readout.logits(params, tokens, tape=tape)
+            loss = torch.nn.functional.cross_entropy(logits, label, reduction="sum")
+            cot = torch.autograd.grad(loss, [u.y for u in tape], allow_unused=True, materialize_grads=True)
+        shapes = {name: v.shape for name, v in params.items()}
+        got = tape_jacobians(tape, [c.detach()[None] for c in cot], tokens.shape[0], shapes)
+        return {name: v[:, 0] for name, v in got.items()}
 
     def per_example_dots(self, params: Params, batch: dict[str, Tensor], tangents: Params, per_token: bool = False) -> Tensor:
         """``<t, ∇ℓ(x_i; w)>`` for every tangent ``t`` (dict of ``[T, *shape]``) and row ``i``:
