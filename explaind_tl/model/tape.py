@@ -76,10 +76,10 @@ def tape_jacobians(
             every name of ``shapes``; overwritten): a caller's buffer, written once.
         index: with ``out``, the groups' places along ``out``'s first axis (``[groups]``
             distinct ids; ``out`` then has any length there): each result is written to those
-            entries as it is formed (``index_copy_``), with no block of the groups' own, and the
-            other entries are left as they are. Runs of consecutive ids are written as slices
-            (a copy of each run, or each one-row product formed in it) where a run holds enough
-            numbers to pay for a call (:data:`RUN_COPY_MIN`), else by ``index_copy_``.
+            entries as it is formed, with no block of the groups' own, and the other entries
+            are left as they are. Runs of consecutive ids are written as slices (a copy of each
+            run, or each one-row product formed in it) where the runs hold enough numbers on
+            average to pay for a call each (:data:`RUN_COPY_MIN`), else by one ``index_copy_``.
 
     Returns:
         ``{name: [groups, outputs, *shape]}`` (``out`` when given).
