@@ -23,7 +23,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 from explaind_tl.model import is_hooked_transformer, move_model
 from explaind_tl.model.bridge import bridge_relu_hooks, is_transformer_bridge
 from explaind_tl.model.readout import Readout, readout_units, unsupported_reason
-from explaind_tl.model.tape import tape_jacobians
+from explaind_tl.model.tape import tape_cotangents, tape_jacobians
 
 Params = dict[str, Tensor]
 
@@ -513,11 +513,9 @@ class QueryFunction:
             total = (self._values(params, rows, path=(d, t), tape=tape, shared=k) * w_rows).sum(0)  # [O]
             if not resolve_outputs:
                 total = total.sum().reshape(1)
-            eye = torch.eye(len(total), dtype=total.dtype, device=total.device)
-            cot = torch.autograd.grad(total, [u.y for u in tape], grad_outputs=eye, is_grads_batched=True,
-                                      allow_unused=True, materialize_grads=True)
+            cot = tape_cotangents(total, tape)
         shapes = {name: v.shape for name, v in params.items()}
-        return tape_jacobians(tape, [c.detach() for c in cot], n_q, shapes, outer=n, out=out, index=index)
+        return tape_jacobians(tape, cot, n_q, shapes, outer=n, out=out, index=index)
 
 
 def _rows_grad(f: Callable[[Params], Tensor], params: Params, resolve_outputs: bool) -> dict[str, Tensor]:

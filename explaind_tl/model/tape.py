@@ -44,6 +44,19 @@ class ParamUse:
     extra: Any = None
 
 
+def tape_cotangents(total: Tensor, tape: Sequence[ParamUse]) -> list[Tensor]:
+    """Every use's output cotangents ``∂total_o/∂y`` (``[outputs, *y.shape]``, detached) for the
+    ``[outputs]`` values ``total`` computed from the taped uses: one backward batched over the
+    outputs (a plain one for a single output), the cotangents :func:`tape_jacobians` takes."""
+    ys = [u.y for u in tape]
+    if total.numel() == 1:
+        cot = torch.autograd.grad(total.reshape(()), ys, allow_unused=True, materialize_grads=True)
+        return [c.detach()[None] for c in cot]
+    eye = torch.eye(len(total), dtype=total.dtype, device=total.device)
+    cot = torch.autograd.grad(total, ys, grad_outputs=eye, is_grads_batched=True, allow_unused=True, materialize_grads=True)
+    return [c.detach() for c in cot]
+
+
 @torch.no_grad()
 def tape_jacobians(
     tape: Sequence[ParamUse],

@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from explaind_tl.losses import last_token_cross_entropy
 from explaind_tl.model.functional import Params, batch_of_one, compare_readout, frozen_copy
 from explaind_tl.model.readout import Readout, unsupported_reason
-from explaind_tl.model.tape import tape_jacobians
+from explaind_tl.model.tape import tape_cotangents, tape_jacobians
 
 
 class LossFunction:
@@ -77,9 +77,9 @@ class LossFunction:
         with torch.enable_grad():  # the graph starts at the tape's first uses, not at the parameters
             logits, _ = self.readout.logits(params, tokens, tape=tape)
             loss = torch.nn.functional.cross_entropy(logits, label, reduction="sum")
-            cot = torch.autograd.grad(loss, [u.y for u in tape], allow_unused=True, materialize_grads=True)
+            cot = tape_cotangents(loss.reshape(1), tape)
         shapes = {name: v.shape for name, v in params.items()}
-        got = tape_jacobians(tape, [c.detach()[None] for c in cot], tokens.shape[0], shapes)
+        got = tape_jacobians(tape, cot, tokens.shape[0], shapes)
         return {name: v[:, 0] for name, v in got.items()}
 
     def per_example_dots(self, params: Params, batch: dict[str, Tensor], tangents: Params, per_token: bool = False) -> Tensor:
